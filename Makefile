@@ -1,0 +1,49 @@
+# flowserve: the README's commands. `make test` sets everything up on a fresh machine.
+SHELL := /bin/bash
+ORT_VERSION := 1.32.0
+ORT_LIB := $(CURDIR)/.ort/libonnxruntime.so.$(ORT_VERSION)
+# ort is built with `load-dynamic`: it loads this library at run time, nothing is
+# downloaded at build time.
+export ORT_DYLIB_PATH ?= $(ORT_LIB)
+CARGO ?= cargo
+FLOWTRAIN := target/release/flowtrain
+
+.PHONY: all ort build test lint unit models bench clean
+
+all: build
+
+## Fetch the ONNX Runtime library (pinned PyPI wheel, sha256-checked) into .ort/.
+ort: $(ORT_LIB)
+$(ORT_LIB): scripts/fetch-ort.sh
+	scripts/fetch-ort.sh .ort
+
+build: ort
+	$(CARGO) build --workspace --release
+
+## Everything CI checks: formatting, clippy, and the whole test suite.
+test: ort lint unit
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit: ort
+	@if command -v cargo-nextest >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+	  $(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+## Rebuild the bundled packages in models/ from fixed seeds.
+models: ort
+	$(CARGO) build --release -p flowtrain
+	scripts/make-models.sh $(FLOWTRAIN) models
+
+## Training benchmarks; results go to BENCHMARKS.md.
+bench: ort
+	$(CARGO) build --release -p flowtrain
+	scripts/bench-train.sh $(FLOWTRAIN) BENCHMARKS.md
+
+clean:
+	$(CARGO) clean
+	rm -rf .ort runs

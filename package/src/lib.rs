@@ -1,0 +1,22 @@
+//! `flowpack`: the model package shared by `flowtrain` (which writes it) and `flowserve`
+//! (which loads it).
+//!
+//! A package is a folder holding `flow.json` (the [`Manifest`]), `encode.onnx`
+//! (`x[N, ...event] → z[N, ...event], log_prob[N]`) and `decode.onnx` (`z → x`).
+//! [`Package::open`] reads a folder and refuses it, with a message a person can act on,
+//! unless the checksums, names and shapes all agree.
+
+mod error;
+mod manifest;
+pub mod onnx;
+mod package;
+
+pub use error::PackageError;
+pub use manifest::{
+    Base, Calibration, Cost, Dim, Domain, Graph, Graphs, Manifest, Metrics, Quantile, TensorSpec,
+    Training, DECODE_FILE, ENCODE_FILE, MANIFEST_FILE,
+};
+pub use package::{sha256_hex, Package};
+
+/// The manifest format this crate reads and writes.
+pub const FORMAT_VERSION: u32 = 1;

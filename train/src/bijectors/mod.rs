@@ -1,0 +1,55 @@
+//! Bijectors: invertible maps with a tractable log-determinant.
+//!
+//! Every bijector maps data → latent with [`Bijector::encode`] and latent → data with
+//! [`Bijector::decode`], and emits the same two maps as ONNX nodes. Math and emission live
+//! in one file per bijector so that each file's parity test covers both.
+
+use candle_core::{Result, Tensor};
+
+use crate::onnx::{Graph, Value};
+
+mod additive_coupling;
+mod affine;
+mod affine_coupling;
+mod batch_norm;
+mod diagonal_scaling;
+mod permutation;
+mod split;
+
+pub use additive_coupling::AdditiveCoupling;
+pub use affine::ElementwiseAffine;
+pub use affine_coupling::AffineCoupling;
+pub use batch_norm::BatchNorm;
+pub use diagonal_scaling::DiagonalScaling;
+pub use permutation::Permutation;
+pub use split::{Mask, Split};
+
+/// A bijector's log|det ∂z/∂x| in an ONNX graph: a constant (folded by the flow) or one
+/// value per row.
+pub enum LogDet {
+    /// The same for every row.
+    Const(f64),
+    /// A `[N]` value.
+    Rows(Value),
+}
+
+/// An invertible map between data space and latent space.
+pub trait Bijector {
+    /// A short name for logs and ONNX node names.
+    fn name(&self) -> &'static str;
+    /// data → latent, with log|det ∂z/∂x| per row (`[N]`).
+    fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)>;
+    /// latent → data.
+    fn decode(&self, z: &Tensor) -> Result<Tensor>;
+    /// [`Bijector::encode`] as ONNX nodes (evaluation mode).
+    fn emit_encode(&self, g: &mut Graph, x: &Value) -> Result<(Value, LogDet)>;
+    /// [`Bijector::decode`] as ONNX nodes (evaluation mode).
+    fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value>;
+    /// Switches between training (batch statistics) and evaluation behaviour.
+    fn set_training(&self, _training: bool) {}
+}
+
+/// `[N]` filled with `value`, for bijectors whose log-det does not depend on the input.
+pub(crate) fn constant_rows(x: &Tensor, value: &Tensor) -> Result<Tensor> {
+    value.broadcast_as(x.dim(0)?)?.contiguous()
+}

@@ -1,0 +1,225 @@
+//! Training configuration: defaults, then a TOML file, then command-line flags.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bijectors::Mask;
+use crate::nn::Activation;
+
+/// A flow family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// Additive coupling layers and a final diagonal scaling (Dinh et al., 2014).
+    Nice,
+    /// Affine coupling layers with alternating masks, optionally batch norm (Dinh et al., 2016).
+    Realnvp,
+}
+
+impl Family {
+    /// The name used in manifests and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Nice => "nice",
+            Family::Realnvp => "realnvp",
+        }
+    }
+}
+
+/// Fixed feature permutations inserted between coupling layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum PermutationKind {
+    /// None: masks flip on alternate layers instead.
+    None,
+    /// Reverse the feature order between layers.
+    Reverse,
+    /// A seeded random permutation between layers.
+    Random,
+}
+
+/// Which columns get uniform dequantisation noise in training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Dequantize {
+    /// Columns whose training values are all integers.
+    Auto,
+    /// No column.
+    None,
+    /// Every column.
+    All,
+}
+
+/// The architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Flow family.
+    pub family: Family,
+    /// Number of coupling layers.
+    pub layers: usize,
+    /// Units per hidden layer of each conditioner.
+    pub hidden: usize,
+    /// Hidden layers per conditioner.
+    pub hidden_layers: usize,
+    /// Hidden nonlinearity.
+    pub activation: Activation,
+    /// Batch norm after each coupling layer.
+    pub batch_norm: bool,
+    /// Running-average momentum of batch norm.
+    pub batch_norm_momentum: f64,
+    /// How couplings divide the features.
+    pub mask: Mask,
+    /// Permutations between coupling layers.
+    pub permutation: PermutationKind,
+    /// Bound c of the affine coupling's log-scale, s = c·tanh(h/c).
+    pub scale_clamp: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            family: Family::Realnvp,
+            layers: 5,
+            hidden: 100,
+            hidden_layers: 2,
+            activation: Activation::Relu,
+            batch_norm: false,
+            batch_norm_momentum: 0.05,
+            mask: Mask::Alternate,
+            permutation: PermutationKind::None,
+            scale_clamp: 3.0,
+        }
+    }
+}
+
+/// The optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Maximum optimiser steps.
+    pub steps: u64,
+    /// Rows per minibatch.
+    pub batch_size: usize,
+    /// Peak learning rate (Adam).
+    pub lr: f64,
+    /// Linear warm-up steps before the cosine decay.
+    pub warmup_steps: u64,
+    /// The cosine schedule ends at lr · min_lr_ratio.
+    pub min_lr_ratio: f64,
+    /// Decoupled weight decay (AdamW); 0 for plain Adam.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 disables it.
+    pub grad_clip: f64,
+    /// Steps between validation passes.
+    pub eval_every: u64,
+    /// Stop after this many validation passes without improvement; 0 never stops early.
+    pub patience: u64,
+    /// Steps between checkpoints.
+    pub checkpoint_every: u64,
+    /// Steps between metric log lines.
+    pub log_every: u64,
+    /// Seed for initialisation, splits, batches and noise.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 5000,
+            batch_size: 256,
+            lr: 1e-3,
+            warmup_steps: 100,
+            min_lr_ratio: 0.01,
+            weight_decay: 0.0,
+            grad_clip: 10.0,
+            eval_every: 250,
+            patience: 10,
+            checkpoint_every: 500,
+            log_every: 25,
+            seed: 0,
+        }
+    }
+}
+
+/// The data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// A built-in name (moons, eight_gaussians, checkerboard, rings, pinwheel, wine,
+    /// digits) or a path to a .csv or .npy file.
+    pub dataset: String,
+    /// CSV columns to leave out (labels, ids).
+    pub drop_columns: Vec<String>,
+    /// Uniform dequantisation of integer-valued columns (training only).
+    pub dequantize: Dequantize,
+    /// Fit a standardisation on the training split and export it with the flow.
+    pub standardize: bool,
+    /// Fraction of rows held out for validation (file and built-in tables).
+    pub val_fraction: f64,
+    /// Fraction of rows held out for testing (file and built-in tables).
+    pub test_fraction: f64,
+    /// Training points drawn from a 2-D toy density (validation and test get a fifth each).
+    pub toy_samples: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dataset: "moons".into(),
+            drop_columns: Vec::new(),
+            dequantize: Dequantize::Auto,
+            standardize: true,
+            val_fraction: 0.1,
+            test_fraction: 0.1,
+            toy_samples: 20_000,
+        }
+    }
+}
+
+/// Everything a training run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The architecture.
+    pub model: ModelConfig,
+    /// The optimisation.
+    pub train: TrainConfig,
+    /// The data.
+    pub data: DataConfig,
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors.
+    pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| {
+            let msg = e.message().to_string();
+            anyhow::anyhow!("config {}: {msg}", path.display())
+        })
+    }
+
+    /// Checks ranges a person could get wrong.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let (m, t, d) = (&self.model, &self.train, &self.data);
+        anyhow::ensure!(m.layers >= 1, "model.layers must be at least 1");
+        anyhow::ensure!(m.hidden >= 1, "model.hidden must be at least 1");
+        anyhow::ensure!(t.batch_size >= 2, "train.batch_size must be at least 2");
+        anyhow::ensure!(t.lr > 0.0 && t.lr.is_finite(), "train.lr must be positive");
+        anyhow::ensure!(
+            t.eval_every >= 1 && t.checkpoint_every >= 1 && t.log_every >= 1,
+            "train.eval_every, checkpoint_every and log_every must be at least 1"
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&d.val_fraction)
+                && (0.0..1.0).contains(&d.test_fraction)
+                && d.val_fraction + d.test_fraction < 0.9,
+            "data.val_fraction and data.test_fraction must leave most rows for training"
+        );
+        anyhow::ensure!(
+            d.toy_samples >= 100,
+            "data.toy_samples must be at least 100"
+        );
+        Ok(())
+    }
+}

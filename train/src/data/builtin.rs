@@ -1,0 +1,27 @@
+//! Real tables shipped inside crates: wine quality (`linfa-datasets`, 1599 × 11) and
+//! 8×8 handwritten digits (`smartcore`, 1797 × 64, pixel values 0–16).
+
+use anyhow::Result;
+
+use super::Table;
+
+/// The built-in table with this name, if there is one. Labels are left out: flows model
+/// the features.
+pub fn load(name: &str) -> Result<Option<Table>> {
+    Ok(Some(match name {
+        "wine" => {
+            let ds = linfa_datasets::winequality();
+            let records = ds.records();
+            let names = ds.feature_names().to_vec();
+            Table::new(names, records.iter().map(|&v| v as f32).collect())?
+        }
+        "digits" => {
+            let ds = smartcore::dataset::digits::load_dataset();
+            let names = (0..ds.num_features)
+                .map(|i| format!("pixel_{}_{}", i / 8, i % 8))
+                .collect();
+            Table::new(names, ds.data)?
+        }
+        _ => return Ok(None),
+    }))
+}

@@ -1,0 +1,142 @@
+//! Writing a trained flow as a model package: `encode.onnx`, `decode.onnx` and `flow.json`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use flowpack::{
+    sha256_hex, Base, Calibration, Cost, Domain, Graph, Graphs, Manifest, Metrics, Quantile,
+    TensorSpec, Training, DECODE_FILE, ENCODE_FILE, FORMAT_VERSION,
+};
+use prost::Message;
+
+use crate::data::Table;
+use crate::flows::Flow;
+use crate::train::to_tensor;
+
+/// The probability levels stored in a manifest's calibration.
+pub const CALIBRATION_LEVELS: [f64; 13] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999,
+];
+
+/// What goes into the manifest besides the graphs.
+pub struct ExportInfo<'a> {
+    /// Model name.
+    pub name: &'a str,
+    /// Feature names.
+    pub features: Vec<String>,
+    /// Which features were dequantised in training.
+    pub dequantized: &'a [bool],
+    /// Training rows (for the observed range).
+    pub train: &'a Table,
+    /// Held-out rows for calibration.
+    pub calibration: &'a Table,
+    /// Held-out quality.
+    pub metrics: Metrics,
+    /// Provenance.
+    pub training: Training,
+}
+
+/// Quantiles of `values` at `levels` (linear interpolation between order statistics).
+pub fn quantiles(values: &[f64], levels: &[f64]) -> Vec<Quantile> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return Vec::new();
+    }
+    v.sort_by(f64::total_cmp);
+    levels
+        .iter()
+        .map(|&q| {
+            let pos = q * (v.len() - 1) as f64;
+            let (i, frac) = (pos.floor() as usize, pos.fract());
+            let hi = v[(i + 1).min(v.len() - 1)];
+            Quantile {
+                q,
+                log_prob: v[i] + (hi - v[i]) * frac,
+            }
+        })
+        .collect()
+}
+
+fn write_graph(dir: &Path, file: &str, model: &flowpack::onnx::ModelProto) -> Result<String> {
+    let bytes = model.encode_to_vec();
+    let path = dir.join(file);
+    std::fs::write(&path, &bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(sha256_hex(&bytes))
+}
+
+/// Writes the package files into `dir` (flow in evaluation mode) and returns the manifest.
+pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
+    flow.set_training(false);
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let event = vec![flow.dim];
+    let encode_sha = write_graph(dir, ENCODE_FILE, &flow.encode_graph(info.name)?)?;
+    let decode_sha = write_graph(dir, DECODE_FILE, &flow.decode_graph(info.name)?)?;
+
+    let cal = info.calibration;
+    let lp: Vec<f64> = flow
+        .log_prob(&to_tensor(&cal.values, cal.dim)?)?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let t = info.train;
+    let observed_range = (0..t.dim)
+        .map(|c| {
+            let col = (0..t.rows()).map(|r| t.values[r * t.dim + c] as f64);
+            [
+                col.clone().fold(f64::INFINITY, f64::min),
+                col.fold(f64::NEG_INFINITY, f64::max),
+            ]
+        })
+        .collect();
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        name: info.name.to_string(),
+        version: 1,
+        family: flow.family.as_str().to_string(),
+        event_shape: event.clone(),
+        dtype: "float32".into(),
+        base: Base::StandardNormal,
+        graphs: Graphs {
+            encode: Graph {
+                file: ENCODE_FILE.into(),
+                sha256: encode_sha,
+                inputs: vec![TensorSpec::batched("x", &event)],
+                outputs: vec![
+                    TensorSpec::batched("z", &event),
+                    TensorSpec::batched("log_prob", &[]),
+                ],
+                cost: Cost::OnePass,
+            },
+            decode: Graph {
+                file: DECODE_FILE.into(),
+                sha256: decode_sha,
+                inputs: vec![TensorSpec::batched("z", &event)],
+                outputs: vec![TensorSpec::batched("x", &event)],
+                cost: Cost::OnePass,
+            },
+        },
+        domain: Domain {
+            integer_features: info
+                .features
+                .iter()
+                .zip(info.dequantized)
+                .filter(|(_, &d)| d)
+                .map(|(n, _)| n.clone())
+                .collect(),
+            features: Some(info.features),
+            observed_range: Some(observed_range),
+            pixel_range: None,
+        },
+        metrics: info.metrics,
+        calibration: Calibration {
+            split: "test".into(),
+            count: lp.len(),
+            quantiles: quantiles(&lp, &CALIBRATION_LEVELS),
+        },
+        training: info.training,
+    };
+    manifest.check(&dir.join(flowpack::MANIFEST_FILE))?;
+    manifest.write(dir)?;
+    Ok(manifest)
+}

@@ -1,0 +1,157 @@
+//! Flows: a preprocessing chain and a chain of bijectors over a standard normal base.
+//!
+//! `log p(x) = log N(z; 0, I) + Σ log|det ∂zₖ/∂zₖ₋₁|`, with `z = encode(x)`.
+
+use candle_core::{Result, Tensor};
+use flowpack::onnx::ModelProto;
+
+use crate::bijectors::{Bijector, ElementwiseAffine, LogDet};
+use crate::config::{Family, ModelConfig};
+use crate::onnx::Graph;
+use crate::params::Params;
+
+mod nice;
+mod realnvp;
+
+/// log(2π).
+const LN_2PI: f64 = 1.837_877_066_409_345_5;
+
+/// A normalizing flow over events of shape `[dim]`.
+pub struct Flow {
+    /// The family it was built as.
+    pub family: Family,
+    /// Features per example.
+    pub dim: usize,
+    /// data → latent order; the first ones are preprocessing.
+    pub layers: Vec<Box<dyn Bijector>>,
+}
+
+/// Per-feature standardisation fitted on the training split: `z = (x - shift) / scale`.
+#[derive(Debug, Clone)]
+pub struct Standardization {
+    /// Per-feature mean.
+    pub shift: Vec<f32>,
+    /// Per-feature standard deviation.
+    pub scale: Vec<f32>,
+}
+
+impl Flow {
+    /// Builds the configured family over `dim` features, with `standardize` (if any) as
+    /// the first bijector so that the flow's input is raw data.
+    pub fn build(
+        cfg: &ModelConfig,
+        dim: usize,
+        standardize: Option<&Standardization>,
+        params: &Params,
+    ) -> Result<Flow> {
+        let mut layers: Vec<Box<dyn Bijector>> = Vec::new();
+        if let Some(s) = standardize {
+            layers.push(Box::new(ElementwiseAffine::new(
+                &params.pp("standardize"),
+                &s.shift,
+                &s.scale,
+            )?));
+        }
+        match cfg.family {
+            Family::Nice => nice::build(cfg, dim, params, &mut layers)?,
+            Family::Realnvp => realnvp::build(cfg, dim, params, &mut layers)?,
+        }
+        Ok(Flow {
+            family: cfg.family,
+            dim,
+            layers,
+        })
+    }
+
+    /// Training (batch statistics) or evaluation behaviour for every layer.
+    pub fn set_training(&self, training: bool) {
+        for l in &self.layers {
+            l.set_training(training);
+        }
+    }
+
+    /// data → latent, with the summed log|det| per row.
+    pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut z = x.clone();
+        let mut total: Option<Tensor> = None;
+        for l in &self.layers {
+            let (next, ld) = l.encode(&z)?;
+            z = next;
+            total = Some(match total {
+                Some(t) => (t + ld)?,
+                None => ld,
+            });
+        }
+        let total = match total {
+            Some(t) => t,
+            None => Tensor::zeros(x.dim(0)?, x.dtype(), x.device())?,
+        };
+        Ok((z, total))
+    }
+
+    /// log p(x) per row.
+    pub fn log_prob(&self, x: &Tensor) -> Result<Tensor> {
+        let (z, ld) = self.encode(x)?;
+        base_log_prob(&z)? + ld
+    }
+
+    /// latent → data.
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let mut x = z.clone();
+        for l in self.layers.iter().rev() {
+            x = l.decode(&x)?;
+        }
+        Ok(x)
+    }
+
+    /// `encode.onnx`: `x[N, D] → z[N, D], log_prob[N]`, evaluation behaviour.
+    pub fn encode_graph(&self, name: &str) -> Result<ModelProto> {
+        let mut g = Graph::new();
+        let event = [self.dim];
+        let x = g.input("x", &event);
+        let mut z = x;
+        let mut constant = -0.5 * self.dim as f64 * LN_2PI;
+        let mut rows = Vec::new();
+        for l in &self.layers {
+            let (next, ld) = l.emit_encode(&mut g, &z)?;
+            z = next;
+            match ld {
+                LogDet::Const(c) => constant += c,
+                LogDet::Rows(v) => rows.push(v),
+            }
+        }
+        let sq = g.mul(&z, &z);
+        let ss = g.sum_per_row(&sq);
+        let half = g.scalar("neg_half", -0.5);
+        let mut lp = g.mul(&ss, &half);
+        let c = g.scalar("log_prob_constant", constant as f32);
+        lp = g.add(&lp, &c);
+        for r in rows {
+            lp = g.add(&lp, &r);
+        }
+        g.output(&z, "z", &event);
+        g.output(&lp, "log_prob", &[]);
+        Ok(g.finish(
+            &format!("{name}_encode"),
+            "data → latent and exact log-density under a standard normal base",
+        ))
+    }
+
+    /// `decode.onnx`: `z[N, D] → x[N, D]`.
+    pub fn decode_graph(&self, name: &str) -> Result<ModelProto> {
+        let mut g = Graph::new();
+        let event = [self.dim];
+        let mut x = g.input("z", &event);
+        for l in self.layers.iter().rev() {
+            x = l.emit_decode(&mut g, &x)?;
+        }
+        g.output(&x, "x", &event);
+        Ok(g.finish(&format!("{name}_decode"), "latent → data"))
+    }
+}
+
+/// log N(z; 0, I) per row.
+pub fn base_log_prob(z: &Tensor) -> Result<Tensor> {
+    let d = z.dim(1)? as f64;
+    (z.sqr()?.sum(1)? * -0.5)? - 0.5 * d * LN_2PI
+}

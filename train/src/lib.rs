@@ -1,0 +1,21 @@
+//! `flowtrain`: normalizing flows trained with reverse-mode autodiff (candle) and exported
+//! as ONNX model packages that `flowserve` loads.
+//!
+//! Data flows one way: [`data`] → [`flows::Flow`] (a chain of [`bijectors`] over a standard
+//! normal base) → [`train`] → [`export`]. Each bijector holds its math and its ONNX twin
+//! side by side, so parity is local.
+
+pub mod bijectors;
+pub mod config;
+pub mod data;
+pub mod export;
+pub mod flows;
+pub mod nn;
+pub mod onnx;
+pub mod optim;
+pub mod params;
+pub mod pipeline;
+pub mod plot;
+pub mod runtime;
+pub mod sampling;
+pub mod train;

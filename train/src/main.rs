@@ -1,0 +1,393 @@
+//! `flowtrain`: train, evaluate and sample normalizing flows from the command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use flowtrain::bijectors::Mask;
+use flowtrain::config::{Config, Dequantize, Family, PermutationKind};
+use flowtrain::data::{self, toy, Columns};
+use flowtrain::nn::Activation;
+use flowtrain::runtime::PackageRunner;
+use flowtrain::sampling::latent_noise;
+use rand::SeedableRng;
+
+#[derive(Parser)]
+#[command(
+    name = "flowtrain",
+    version,
+    about = "Train normalizing flows and export them as ONNX model packages"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a flow and write its package (flow.json, encode.onnx, decode.onnx) into --out.
+    Train(TrainArgs),
+    /// Print the NLL of a package on a dataset's test split or on a whole CSV/NPY file.
+    Eval(EvalArgs),
+    /// Draw samples from a package into a CSV file or a PNG plot.
+    Sample(SampleArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Flow family.
+    #[arg(long, value_enum)]
+    family: Option<Family>,
+    /// moons, eight_gaussians, checkerboard, rings, pinwheel, wine, digits, or a .csv/.npy path.
+    #[arg(long)]
+    data: Option<String>,
+    /// Output folder: the package, checkpoints, metrics.jsonl and plots.
+    #[arg(long)]
+    out: PathBuf,
+    /// TOML file with [model], [train] and [data] tables; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Model name recorded in the manifest (default: the output folder's name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Maximum optimiser steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Seed for everything random.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Coupling layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Hidden units per layer.
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Hidden layers per conditioner.
+    #[arg(long)]
+    hidden_layers: Option<usize>,
+    /// Hidden nonlinearity.
+    #[arg(long, value_enum)]
+    activation: Option<Activation>,
+    /// Batch norm after coupling layers.
+    #[arg(long)]
+    batch_norm: Option<bool>,
+    /// How couplings split the features.
+    #[arg(long, value_enum)]
+    mask: Option<Mask>,
+    /// Permutations between couplings.
+    #[arg(long, value_enum)]
+    permutation: Option<PermutationKind>,
+    /// Minibatch size.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Validation passes without improvement before stopping (0: never).
+    #[arg(long)]
+    patience: Option<u64>,
+    /// Steps between validation passes.
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Steps between checkpoints.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// CSV columns to leave out, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    drop_columns: Option<Vec<String>>,
+    /// Dequantise integer-valued columns (training only).
+    #[arg(long, value_enum)]
+    dequantize: Option<Dequantize>,
+    /// Ignore any checkpoint in --out and start over.
+    #[arg(long)]
+    fresh: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Package folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// A dataset name (its test split, as split in training) or a .csv/.npy file (all rows).
+    #[arg(long)]
+    data: Option<String>,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// Package folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Number of samples.
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    num_samples: usize,
+    /// Standard deviation multiplier of the base distribution.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Seed (default: fresh entropy, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Output: .csv (a header of feature names) or .png (a scatter plot, 2-D models).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn config_for(a: &TrainArgs) -> Result<Config> {
+    let mut c = match &a.config {
+        Some(p) => Config::from_toml_file(p)?,
+        None => Config::default(),
+    };
+    macro_rules! set {
+        ($($field:expr => $value:expr),* $(,)?) => {$(if let Some(v) = $value.clone() { $field = v; })*};
+    }
+    set!(
+        c.model.family => a.family, c.data.dataset => a.data, c.train.steps => a.steps,
+        c.train.seed => a.seed, c.model.layers => a.layers, c.model.hidden => a.hidden,
+        c.model.hidden_layers => a.hidden_layers, c.model.activation => a.activation,
+        c.model.batch_norm => a.batch_norm, c.model.mask => a.mask, c.model.permutation => a.permutation,
+        c.train.batch_size => a.batch_size, c.train.lr => a.lr, c.train.patience => a.patience,
+        c.train.eval_every => a.eval_every, c.train.checkpoint_every => a.checkpoint_every,
+        c.data.drop_columns => a.drop_columns, c.data.dequantize => a.dequantize,
+    );
+    if a.data.is_none() && a.config.is_none() {
+        bail!("no dataset: pass --data (a built-in name or a .csv/.npy path)");
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let config = config_for(&a)?;
+    let name = a.name.clone().unwrap_or_else(|| {
+        a.out
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("flow")
+            .to_string()
+    });
+    if !a.fresh && flowtrain::train::has_checkpoint(&a.out) {
+        eprintln!("resuming from the checkpoint in {}", a.out.display());
+    }
+    let s = flowtrain::pipeline::train_and_export(&config, &a.out, &name, !a.quiet, a.fresh)?;
+    let m = &s.manifest.metrics;
+    let o = &s.outcome;
+    println!(
+        "model        {} ({}, {} parameters)",
+        name,
+        config.model.family.as_str(),
+        s.parameters
+    );
+    println!(
+        "data         {} ({} features)",
+        s.manifest.training.dataset, s.manifest.event_shape[0]
+    );
+    println!(
+        "steps        {} (best at {}{}), {:.1} steps/s",
+        o.steps,
+        o.best_step,
+        if o.stopped_early {
+            ", stopped early"
+        } else {
+            ""
+        },
+        o.steps as f64 / o.train_seconds.max(1e-9)
+    );
+    println!(
+        "val NLL      {:.4} nats/example",
+        m.validation_nll.unwrap_or(f64::NAN)
+    );
+    println!(
+        "test NLL     {:.4} nats/example",
+        m.test_nll.unwrap_or(f64::NAN)
+    );
+    if let Some(b) = m.test_bits_per_dim {
+        println!("test bits/dim {b:.4}");
+    }
+    if o.nan_skips > 0 {
+        println!("skipped      {} non-finite steps", o.nan_skips);
+    }
+    println!("package      {}", a.out.display());
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let mut runner = PackageRunner::open(&a.model)?;
+    let m = runner.package.manifest.clone();
+    let features = m.domain.features.clone().unwrap_or_default();
+    let config: Config = serde_json::from_value(m.training.config.clone())
+        .context("the manifest's training.config is not a flowtrain configuration")?;
+    let dataset = a
+        .data
+        .clone()
+        .unwrap_or_else(|| config.data.dataset.clone());
+    let builtin =
+        toy::TOY.contains(&dataset.as_str()) || ["wine", "digits"].contains(&dataset.as_str());
+    let (table, what) = if builtin {
+        let mut dc = config.data.clone();
+        dc.dataset = dataset.clone();
+        let splits = data::load(&dc, config.train.seed)?;
+        (splits.test, format!("{dataset} test split"))
+    } else {
+        let columns = if dataset.ends_with(".csv") {
+            Columns::Select(&features)
+        } else {
+            Columns::Drop(&[])
+        };
+        (
+            data::read_table(&dataset, columns)?,
+            format!("{dataset} (all rows)"),
+        )
+    };
+    if table.dim != runner.package.event_size() {
+        bail!(
+            "{what} has {} columns but the model takes {}",
+            table.dim,
+            runner.package.event_size()
+        );
+    }
+    let nll = |values: &[f32], runner: &mut PackageRunner| -> Result<f64> {
+        let mut total = 0f64;
+        for chunk in values.chunks(4096 * table.dim) {
+            let (_, lp) = runner.encode(chunk)?;
+            total += lp.iter().map(|&v| v as f64).sum::<f64>();
+        }
+        Ok(-total / table.rows() as f64)
+    };
+    println!(
+        "model        {} ({}, {} features)",
+        a.model.display(),
+        m.family,
+        table.dim
+    );
+    println!("data         {what}, {} rows", table.rows());
+    println!(
+        "NLL          {:.4} nats/example (log_prob as served)",
+        nll(&table.values, &mut runner)?
+    );
+    let deq: Vec<bool> = table
+        .names
+        .iter()
+        .map(|n| m.domain.integer_features.contains(n))
+        .collect();
+    if deq.iter().any(|&d| d) {
+        let mut values = table.values.clone();
+        data::dequantize(
+            &mut values,
+            table.dim,
+            &deq,
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(0x7e57),
+        );
+        let dq = nll(&values, &mut runner)?;
+        println!("NLL          {dq:.4} nats/example (dequantised, as in training)");
+        if deq.iter().all(|&d| d) {
+            println!(
+                "bits/dim     {:.4}",
+                dq / (table.dim as f64 * std::f64::consts::LN_2)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn sample(a: SampleArgs) -> Result<()> {
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        bail!(
+            "--temperature must be a finite number ≥ 0, got {}",
+            a.temperature
+        );
+    }
+    if a.num_samples == 0 {
+        bail!("-n must be at least 1");
+    }
+    let ext = a
+        .out
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_string();
+    if !["csv", "png"].contains(&ext.as_str()) {
+        bail!("--out must end in .csv or .png, got {}", a.out.display());
+    }
+    let mut runner = PackageRunner::open(&a.model)?;
+    let dim = runner.package.event_size();
+    let seed = a.seed.unwrap_or_else(rand::random);
+    let z = latent_noise(a.num_samples, dim, a.temperature, seed);
+    let x = runner.decode(&z)?;
+    let names = runner
+        .package
+        .manifest
+        .domain
+        .features
+        .clone()
+        .unwrap_or_else(|| (0..dim).map(|i| format!("x{i}")).collect());
+    write_samples(&a.out, &ext, &names, &x, dim)?;
+    println!(
+        "wrote {} samples (seed {seed}, temperature {}) to {}",
+        a.num_samples,
+        a.temperature,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn write_samples(out: &Path, ext: &str, names: &[String], x: &[f32], dim: usize) -> Result<()> {
+    if ext == "png" {
+        if dim != 2 {
+            bail!("PNG output draws a scatter plot of 2-D models; this model has {dim} features, use .csv");
+        }
+        let win = flowtrain::plot::window(x);
+        return flowtrain::plot::density_panels(x, &[], 0, x, win, out);
+    }
+    let mut w =
+        csv::Writer::from_path(out).with_context(|| format!("cannot write {}", out.display()))?;
+    w.write_record(names)?;
+    for row in x.chunks(dim) {
+        w.write_record(row.iter().map(|v| v.to_string()))?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            // One line: clap's message without its usage block.
+            let text = e.render().to_string();
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("Usage:")
+                        && !l.starts_with("For more information")
+                })
+                .collect();
+            eprintln!("{}", lines.join(" "));
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Train(a) => train(a),
+        Command::Eval(a) => eval(a),
+        Command::Sample(a) => sample(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

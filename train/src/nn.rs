@@ -1,0 +1,110 @@
+//! The conditioner networks inside coupling layers: a multilayer perceptron whose candle
+//! forward pass and ONNX emission sit side by side.
+
+use candle_core::{Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::onnx::{Attr, Graph, Value};
+use crate::params::Params;
+
+/// Hidden-layer nonlinearity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// max(x, 0)
+    Relu,
+    /// tanh(x)
+    Tanh,
+    /// x for x > 0, exp(x) - 1 otherwise
+    Elu,
+    /// x · sigmoid(x)
+    Silu,
+}
+
+impl Activation {
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Relu => x.relu(),
+            Activation::Tanh => x.tanh(),
+            Activation::Elu => x.elu(1.0),
+            Activation::Silu => x.silu(),
+        }
+    }
+
+    fn emit(self, g: &mut Graph, x: &Value) -> Value {
+        match self {
+            Activation::Relu => g.op("Relu", &[x], vec![]),
+            Activation::Tanh => g.tanh(x),
+            Activation::Elu => g.op("Elu", &[x], vec![("alpha", Attr::Float(1.0))]),
+            Activation::Silu => {
+                let s = g.op("Sigmoid", &[x], vec![]);
+                g.mul(x, &s)
+            }
+        }
+    }
+}
+
+/// A fully connected network `sizes[0] → … → sizes[last]`.
+pub struct Mlp {
+    layers: Vec<(Var, Var)>,
+    activation: Activation,
+}
+
+impl Mlp {
+    /// Weights drawn as PyTorch's `Linear` does (uniform, bound 1/√fan_in); with
+    /// `zero_last` the output layer starts at zero, so a coupling starts as the identity.
+    pub fn new(
+        p: &Params,
+        sizes: &[usize],
+        activation: Activation,
+        zero_last: bool,
+    ) -> Result<Self> {
+        let mut layers = Vec::new();
+        for (i, w) in sizes.windows(2).enumerate() {
+            let (fan_in, fan_out) = (w[0], w[1]);
+            let last = i + 2 == sizes.len();
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let layer = p.pp(format!("linear{i}"));
+            let (weight, bias) = if last && zero_last {
+                (
+                    layer.zeros("weight", (fan_in, fan_out))?,
+                    layer.zeros("bias", fan_out)?,
+                )
+            } else {
+                (
+                    layer.uniform("weight", (fan_in, fan_out), bound)?,
+                    layer.uniform("bias", fan_out, bound)?,
+                )
+            };
+            layers.push((weight, bias));
+        }
+        Ok(Mlp { layers, activation })
+    }
+
+    /// The network applied to rows `x[N, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (i, (w, b)) in self.layers.iter().enumerate() {
+            h = h.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
+            if i + 1 < self.layers.len() {
+                h = self.activation.apply(&h)?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// The same network as ONNX nodes.
+    pub fn emit(&self, g: &mut Graph, x: &Value) -> Result<Value> {
+        let mut h = x.clone();
+        for (i, (w, b)) in self.layers.iter().enumerate() {
+            let w = g.tensor("weight", w.as_tensor())?;
+            let b = g.tensor("bias", b.as_tensor())?;
+            let m = g.matmul(&h, &w);
+            h = g.add(&m, &b);
+            if i + 1 < self.layers.len() {
+                h = self.activation.emit(g, &h);
+            }
+        }
+        Ok(h)
+    }
+}

@@ -1,0 +1,118 @@
+//! What candle lacks for training flows: Adam with bias correction and decoupled weight
+//! decay whose moments can be checkpointed, global gradient-norm clipping, and a linear
+//! warm-up + cosine learning-rate schedule.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
+
+/// Adam (Kingma & Ba, 2015), with AdamW's decoupled weight decay when `weight_decay > 0`.
+pub struct Adam {
+    vars: Vec<Var>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Updates applied so far (for bias correction).
+    pub t: u64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+impl Adam {
+    /// An optimiser over `vars` with zeroed moments.
+    pub fn new(vars: Vec<Var>, weight_decay: f64) -> Result<Self> {
+        let zeros = |v: &Var| v.as_tensor().zeros_like();
+        Ok(Adam {
+            m: vars.iter().map(zeros).collect::<Result<_>>()?,
+            v: vars.iter().map(zeros).collect::<Result<_>>()?,
+            vars,
+            t: 0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        })
+    }
+
+    /// The global L2 norm of the gradients (missing gradients count as zero).
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let mut total = 0f64;
+        for var in &self.vars {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+        }
+        Ok(total.sqrt())
+    }
+
+    /// One update at learning rate `lr`, with gradients multiplied by `grad_scale` (clipping).
+    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        self.t += 1;
+        let t = self.t as i32;
+        let c1 = 1.0 - self.beta1.powi(t);
+        let c2 = 1.0 - self.beta2.powi(t);
+        for (i, var) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let g = (g * grad_scale)?;
+            self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+            self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let m_hat = (&self.m[i] / c1)?;
+            let v_hat = (&self.v[i] / c2)?;
+            let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
+            let mut next = (var.as_tensor() - (update * lr)?)?;
+            if self.weight_decay > 0.0 {
+                next = (next - (var.as_tensor() * (lr * self.weight_decay))?)?;
+            }
+            var.set(&next)?;
+        }
+        Ok(())
+    }
+
+    /// The moments as named tensors, for a checkpoint.
+    pub fn state(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for (i, (m, v)) in self.m.iter().zip(&self.v).enumerate() {
+            out.insert(format!("adam.m.{i}"), m.clone());
+            out.insert(format!("adam.v.{i}"), v.clone());
+        }
+        out
+    }
+
+    /// Restores moments saved by [`Adam::state`] after `t` updates.
+    pub fn load_state(&mut self, saved: &HashMap<String, Tensor>, t: u64) -> Result<()> {
+        for i in 0..self.vars.len() {
+            for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                let key = format!("adam.{kind}.{i}");
+                let s = saved
+                    .get(&key)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint has no {key}")))?;
+                if s.dims() != slot.dims() {
+                    candle_core::bail!(
+                        "checkpoint {key} has shape {:?}, expected {:?}",
+                        s.dims(),
+                        slot.dims()
+                    );
+                }
+                *slot = s.clone();
+            }
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// Learning rate at `step`: linear warm-up to `peak`, then cosine decay to `peak · min_ratio`
+/// at `total` steps.
+pub fn learning_rate(step: u64, total: u64, peak: f64, warmup: u64, min_ratio: f64) -> f64 {
+    if warmup > 0 && step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let progress = ((step - warmup.min(step)) as f64 / span).min(1.0);
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+    peak * (min_ratio + (1.0 - min_ratio) * cosine)
+}
