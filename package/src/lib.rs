@@ -13,8 +13,8 @@ mod package;
 
 pub use error::PackageError;
 pub use manifest::{
-    Base, Calibration, Cost, Dim, Domain, Graph, Graphs, Manifest, Metrics, Quantile, TensorSpec,
-    Training, DECODE_FILE, ENCODE_FILE, MANIFEST_FILE,
+    Base, Calibration, Cost, Dim, Domain, Graph, Graphs, Manifest, Metrics, Quantile, Quantized,
+    TensorSpec, Training, DECODE_FILE, ENCODE_FILE, MANIFEST_FILE,
 };
 pub use package::{sha256_hex, Package};
 

@@ -122,16 +122,27 @@ pub struct Domain {
     /// Feature names, in row order (tabular models).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<Vec<String>>,
-    /// Features whose training values were integers and were dequantised with uniform noise
-    /// on [-0.5, 0.5): log_prob of an integer k is the density at the centre of its cell.
+    /// Features recorded on a grid (integers, or a fixed number of decimals), which were
+    /// dequantised in training with uniform noise of one grid step centred on each value:
+    /// log_prob of a grid value is the density at the centre of its cell.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub integer_features: Vec<String>,
+    pub quantized: Vec<Quantized>,
     /// Smallest and largest value seen per feature in training, as a hint for clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_range: Option<Vec<[f64; 2]>>,
     /// Inclusive pixel range (image models).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pixel_range: Option<[f64; 2]>,
+}
+
+/// A feature recorded on a grid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quantized {
+    /// Feature name.
+    pub feature: String,
+    /// Grid step (1 for integers, 0.01 for two decimals).
+    pub step: f64,
 }
 
 /// Held-out negative log-likelihoods, in nats per example.

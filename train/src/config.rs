@@ -41,12 +41,12 @@ pub enum PermutationKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Dequantize {
-    /// Columns whose training values are all integers.
+    /// Columns recorded on a grid (integers, fixed decimals), each with its own step.
     Auto,
     /// No column.
     None,
-    /// Every column.
-    All,
+    /// Every column, with step 1 (integer data such as pixels).
+    Integer,
 }
 
 /// The architecture.

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use flowpack::{
     sha256_hex, Base, Calibration, Cost, Domain, Graph, Graphs, Manifest, Metrics, Quantile,
-    TensorSpec, Training, DECODE_FILE, ENCODE_FILE, FORMAT_VERSION,
+    Quantized, TensorSpec, Training, DECODE_FILE, ENCODE_FILE, FORMAT_VERSION,
 };
 use prost::Message;
 
@@ -24,8 +24,8 @@ pub struct ExportInfo<'a> {
     pub name: &'a str,
     /// Feature names.
     pub features: Vec<String>,
-    /// Which features were dequantised in training.
-    pub dequantized: &'a [bool],
+    /// Dequantisation step per feature (0: none).
+    pub dequantized: &'a [f32],
     /// Training rows (for the observed range).
     pub train: &'a Table,
     /// Held-out rows for calibration.
@@ -117,12 +117,15 @@ pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
             },
         },
         domain: Domain {
-            integer_features: info
+            quantized: info
                 .features
                 .iter()
                 .zip(info.dequantized)
-                .filter(|(_, &d)| d)
-                .map(|(n, _)| n.clone())
+                .filter(|(_, &q)| q > 0.0)
+                .map(|(n, &q)| Quantized {
+                    feature: n.clone(),
+                    step: q as f64,
+                })
                 .collect(),
             features: Some(info.features),
             observed_range: Some(observed_range),

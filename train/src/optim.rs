@@ -57,7 +57,9 @@ impl Adam {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = (g * grad_scale)?;
+            // Gradients computed from variables still carry their op graph: detach them,
+            // or every step's moments would keep all earlier steps' graphs alive.
+            let g = (g.detach() * grad_scale)?;
             self.m[i] = ((&self.m[i] * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let m_hat = (&self.m[i] / c1)?;

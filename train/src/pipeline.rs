@@ -15,7 +15,7 @@ use crate::sampling::latent_noise;
 use crate::train::{mean_nll, to_tensor, train, Outcome, Run};
 
 /// Seeds the fixed dequantisation noise of the test split.
-const TEST_NOISE: u64 = 0x7e57;
+pub const TEST_NOISE: u64 = 0x7e57;
 
 /// What a finished `train` reports.
 pub struct Summary {
@@ -28,8 +28,8 @@ pub struct Summary {
 }
 
 /// A flow built for `config` over `data`, with its parameter store and dequantised columns.
-pub fn build(config: &Config, data: &Splits) -> Result<(Flow, Params, Vec<bool>)> {
-    let deq = data::dequantized_columns(&config.data, &data.train);
+pub fn build(config: &Config, data: &Splits) -> Result<(Flow, Params, Vec<f32>)> {
+    let deq = data::quantization_steps(&config.data, &data.train);
     let standardize = config
         .data
         .standardize
@@ -70,7 +70,7 @@ pub fn train_and_export(
     let dim = data.train.dim;
     let bits = deq
         .iter()
-        .all(|&d| d)
+        .all(|&q| q == 1.0)
         .then(|| test_nll / (dim as f64 * std::f64::consts::LN_2));
 
     plot::loss_curves(&outcome.history, &out.join("loss.png"))?;
@@ -100,6 +100,25 @@ pub fn train_and_export(
             },
         },
         out,
+    )?;
+    let report = serde_json::json!({
+        "family": config.model.family.as_str(),
+        "dataset": data.source,
+        "features": dim,
+        "parameters": params.count(),
+        "steps": outcome.steps,
+        "best_step": outcome.best_step,
+        "stopped_early": outcome.stopped_early,
+        "median_step_ms": outcome.median_step_seconds * 1e3,
+        "train_seconds": outcome.train_seconds,
+        "validation_nll": outcome.best_val_nll,
+        "test_nll": test_nll,
+        "test_bits_per_dim": bits,
+        "skipped_steps": outcome.nan_skips,
+    });
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&report)? + "\n",
     )?;
     Ok(Summary {
         manifest,

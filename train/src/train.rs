@@ -105,6 +105,8 @@ pub struct Outcome {
     pub nan_skips: u64,
     /// Seconds spent in optimiser steps (not validation or checkpoints).
     pub train_seconds: f64,
+    /// Median wall time of one optimiser step in this invocation (robust to a noisy machine).
+    pub median_step_seconds: f64,
     /// Whether this invocation resumed from a checkpoint.
     pub resumed_from: Option<u64>,
     /// Every metrics record of the run, in order.
@@ -121,8 +123,8 @@ pub struct Run<'a> {
     pub config: &'a Config,
     /// The data.
     pub data: &'a Splits,
-    /// Columns that get dequantisation noise.
-    pub dequantized: &'a [bool],
+    /// Dequantisation step per column (0: none).
+    pub dequantized: &'a [f32],
     /// The run's folder.
     pub out: &'a Path,
     /// Show a progress bar (on a terminal).
@@ -136,7 +138,7 @@ pub fn to_tensor(values: &[f32], dim: usize) -> candle_core::Result<Tensor> {
 
 /// Mean NLL (nats per example) of `table` under `flow` in evaluation mode; integer
 /// columns get the fixed dequantisation noise of `noise_seed` when `dequantized` marks them.
-pub fn mean_nll(flow: &Flow, table: &Table, dequantized: &[bool], noise_seed: u64) -> Result<f64> {
+pub fn mean_nll(flow: &Flow, table: &Table, dequantized: &[f32], noise_seed: u64) -> Result<f64> {
     flow.set_training(false);
     let mut values = table.values.clone();
     dequantize(
@@ -341,6 +343,7 @@ pub fn train(run: &Run) -> Result<Outcome> {
     let mut consecutive_skips = 0;
     let mut last_nll = f64::NAN;
     let mut stopped_early = false;
+    let mut step_times: Vec<f64> = Vec::new();
     while state.step < cfg.steps && !state.finished {
         let started = Instant::now();
         let step = state.step;
@@ -392,10 +395,12 @@ pub fn train(run: &Run) -> Result<Outcome> {
             last_nll = nll;
         }
         state.step += 1;
-        state.train_seconds += started.elapsed().as_secs_f64();
+        let took = started.elapsed().as_secs_f64();
+        state.train_seconds += took;
+        step_times.push(took);
         bar.set_position(state.step);
         let done = state.step;
-        if done % cfg.log_every == 0 && nll.is_finite() {
+        if done.is_multiple_of(cfg.log_every) && nll.is_finite() {
             emit(
                 Record::Train {
                     step: done,
@@ -406,7 +411,7 @@ pub fn train(run: &Run) -> Result<Outcome> {
                 &mut history,
             )?;
         }
-        if done % cfg.eval_every == 0 || done == cfg.steps {
+        if done.is_multiple_of(cfg.eval_every) || done == cfg.steps {
             let val = mean_nll(run.flow, &run.data.val, run.dequantized, val_seed)?;
             let improved = val < state.best_val_nll;
             if improved {
@@ -434,7 +439,7 @@ pub fn train(run: &Run) -> Result<Outcome> {
                 state.finished = true;
             }
         }
-        if done % cfg.checkpoint_every == 0 || done == cfg.steps || state.finished {
+        if done.is_multiple_of(cfg.checkpoint_every) || done == cfg.steps || state.finished {
             state.adam_t = adam.t;
             state.tensors = format!("step-{done:08}.safetensors");
             save_checkpoint(run, &adam, &best, &state)?;
@@ -446,7 +451,12 @@ pub fn train(run: &Run) -> Result<Outcome> {
     }
     run.params.restore(&best)?;
     run.flow.set_training(false);
+    step_times.sort_by(f64::total_cmp);
     Ok(Outcome {
+        median_step_seconds: step_times
+            .get(step_times.len() / 2)
+            .copied()
+            .unwrap_or(f64::NAN),
         steps: state.step,
         best_step: state.best_step,
         best_val_nll: state.best_val_nll,

@@ -26,8 +26,17 @@ impl ElementwiseAffine {
         })
     }
 
+    /// The buffers as constants: they are never trained, so they stay out of the autodiff graph.
+    fn shift(&self) -> Tensor {
+        self.shift.as_detached_tensor()
+    }
+
+    fn scale(&self) -> Tensor {
+        self.scale.as_detached_tensor()
+    }
+
     fn log_det(&self) -> Result<Tensor> {
-        self.scale.as_tensor().log()?.sum_all()?.neg()
+        self.scale().log()?.sum_all()?.neg()
     }
 }
 
@@ -38,19 +47,18 @@ impl Bijector for ElementwiseAffine {
 
     fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let z = x
-            .broadcast_sub(self.shift.as_tensor())?
-            .broadcast_div(self.scale.as_tensor())?;
+            .broadcast_sub(&self.shift())?
+            .broadcast_div(&self.scale())?;
         Ok((z, constant_rows(x, &self.log_det()?)?))
     }
 
     fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        z.broadcast_mul(self.scale.as_tensor())?
-            .broadcast_add(self.shift.as_tensor())
+        z.broadcast_mul(&self.scale())?.broadcast_add(&self.shift())
     }
 
     fn emit_encode(&self, g: &mut Graph, x: &Value) -> Result<(Value, LogDet)> {
-        let shift = g.tensor("shift", self.shift.as_tensor())?;
-        let scale = g.tensor("scale", self.scale.as_tensor())?;
+        let shift = g.tensor("shift", &self.shift())?;
+        let scale = g.tensor("scale", &self.scale())?;
         let centred = g.sub(x, &shift);
         let z = g.div(&centred, &scale);
         let ld = self.log_det()?.to_scalar::<f32>()? as f64;
@@ -58,8 +66,8 @@ impl Bijector for ElementwiseAffine {
     }
 
     fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value> {
-        let shift = g.tensor("shift", self.shift.as_tensor())?;
-        let scale = g.tensor("scale", self.scale.as_tensor())?;
+        let shift = g.tensor("shift", &self.shift())?;
+        let scale = g.tensor("scale", &self.scale())?;
         let scaled = g.mul(z, &scale);
         Ok(g.add(&scaled, &shift))
     }

@@ -49,8 +49,8 @@ impl BatchNorm {
             .log_gamma
             .as_tensor()
             .exp()?
-            .div(&(self.running_var.as_tensor() + self.eps)?.sqrt()?)?;
-        let c = (self.beta.as_tensor() - self.running_mean.as_tensor().mul(&a)?)?;
+            .div(&(self.running_var.as_detached_tensor() + self.eps)?.sqrt()?)?;
+        let c = (self.beta.as_tensor() - self.running_mean.as_detached_tensor().mul(&a)?)?;
         Ok((a, c))
     }
 }
@@ -91,10 +91,11 @@ impl Bijector for BatchNorm {
         if !moved.is_finite() {
             return Ok((z, constant_rows(x, &ld)?));
         }
-        self.running_mean
-            .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach() * m)?)?)?;
+        self.running_mean.set(
+            &((self.running_mean.as_detached_tensor() * (1.0 - m))? + (mean.detach() * m)?)?,
+        )?;
         self.running_var
-            .set(&((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
+            .set(&((self.running_var.as_detached_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
         Ok((z, constant_rows(x, &ld)?))
     }
 

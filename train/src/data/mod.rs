@@ -34,7 +34,7 @@ impl Table {
     /// A table whose values fill whole rows.
     pub fn new(names: Vec<String>, values: Vec<f32>) -> Result<Table> {
         let dim = names.len();
-        if dim == 0 || values.len() % dim != 0 {
+        if dim == 0 || !values.len().is_multiple_of(dim) {
             bail!("a table needs at least one column and whole rows");
         }
         if values.is_empty() {
@@ -66,10 +66,41 @@ impl Table {
         }
     }
 
-    /// Columns whose values are all integers.
-    pub fn integer_columns(&self) -> Vec<bool> {
+    /// Values of column `c`.
+    pub fn column(&self, c: usize) -> impl Iterator<Item = f32> + Clone + '_ {
+        self.values.iter().skip(c).step_by(self.dim).copied()
+    }
+
+    /// Per column, the grid step its values were recorded on, or 0 for continuous data.
+    ///
+    /// A column is quantized with step 10^-k (k from 0 to 5) when at least 99 % of its
+    /// values are multiples of the step and values repeat (at most half are distinct): a
+    /// count, a reading with two decimals. Such data has no density until dequantised.
+    pub fn quantization_steps(&self) -> Vec<f32> {
         (0..self.dim)
-            .map(|c| (0..self.rows()).all(|r| self.values[r * self.dim + c].fract() == 0.0))
+            .map(|c| {
+                let mut distinct: Vec<u32> = self.column(c).map(f32::to_bits).collect();
+                distinct.sort_unstable();
+                distinct.dedup();
+                if distinct.len() * 2 > self.rows() {
+                    return 0.0;
+                }
+                (0..=5)
+                    .map(|k| 10f64.powi(-k))
+                    .find(|&q| {
+                        let on_grid = self
+                            .column(c)
+                            .filter(|&v| {
+                                // A multiple of q up to f32 rounding of the recorded value.
+                                let v = v as f64;
+                                (v - q * (v / q).round()).abs()
+                                    <= 4.0 * f32::EPSILON as f64 * v.abs().max(q)
+                            })
+                            .count();
+                        on_grid * 100 >= self.rows() * 99
+                    })
+                    .map_or(0.0, |q| q as f32)
+            })
             .collect()
     }
 }
@@ -145,44 +176,42 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
     })
 }
 
-/// Which columns get dequantisation noise, by the config and the training split.
-pub fn dequantized_columns(cfg: &DataConfig, train: &Table) -> Vec<bool> {
+/// The dequantisation step of each column (0: none), by the config and the training split.
+pub fn quantization_steps(cfg: &DataConfig, train: &Table) -> Vec<f32> {
     match cfg.dequantize {
-        Dequantize::None => vec![false; train.dim],
-        Dequantize::All => vec![true; train.dim],
-        Dequantize::Auto => train.integer_columns(),
+        Dequantize::None => vec![0.0; train.dim],
+        Dequantize::Integer => vec![1.0; train.dim],
+        Dequantize::Auto => train.quantization_steps(),
     }
 }
 
-/// Adds uniform noise on [-0.5, 0.5) to the marked columns of row-major `values`.
+/// Adds uniform noise on [-q/2, q/2) to each column of row-major `values`, q its step.
 ///
-/// Training only: the model then spreads the mass of an integer k over [k - ½, k + ½), so
-/// the exported graph, given k itself, returns the density at the centre of k's cell.
-pub fn dequantize(values: &mut [f32], dim: usize, columns: &[bool], rng: &mut ChaCha8Rng) {
-    if !columns.iter().any(|&c| c) {
+/// Training only: the model then spreads the mass of a grid value k over [k - q/2, k + q/2),
+/// so the exported graph, given k itself, returns the density at the centre of k's cell.
+pub fn dequantize(values: &mut [f32], dim: usize, steps: &[f32], rng: &mut ChaCha8Rng) {
+    if steps.iter().all(|&q| q == 0.0) {
         return;
     }
     for row in values.chunks_mut(dim) {
-        for (v, &on) in row.iter_mut().zip(columns) {
-            if on {
-                *v += rng.random_range(-0.5f32..0.5);
+        for (v, &q) in row.iter_mut().zip(steps) {
+            if q > 0.0 {
+                *v += q * rng.random_range(-0.5f32..0.5);
             }
         }
     }
 }
 
 /// Per-feature mean and standard deviation of the training split; dequantised columns
-/// add the noise's variance (1/12), and constant columns keep scale 1.
-pub fn standardization(train: &Table, dequantized: &[bool]) -> Standardization {
+/// add the noise's variance (q²/12), and constant columns keep scale 1.
+pub fn standardization(train: &Table, steps: &[f32]) -> Standardization {
     let n = train.rows() as f64;
     let (mut shift, mut scale) = (Vec::new(), Vec::new());
-    for c in 0..train.dim {
+    for (c, &q) in steps.iter().enumerate().take(train.dim) {
         let col = (0..train.rows()).map(|r| train.values[r * train.dim + c] as f64);
         let mean = col.clone().sum::<f64>() / n;
         let mut var = col.map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
-        if dequantized[c] {
-            var += 1.0 / 12.0;
-        }
+        var += (q as f64).powi(2) / 12.0;
         let std = var.sqrt();
         shift.push(mean as f32);
         scale.push(if std > 1e-6 { std as f32 } else { 1.0 });

@@ -1,0 +1,251 @@
+//! A package is refused, with a message naming the problem, unless checksums, names and
+//! shapes agree; a good one opens.
+
+use std::path::Path;
+
+use flowpack::onnx::{
+    tensor_shape_proto, type_proto, GraphProto, ModelProto, TensorShapeProto, TypeProto,
+    ValueInfoProto, FLOAT,
+};
+use flowpack::*;
+use prost::Message;
+
+fn value(name: &str, event: &[i64]) -> ValueInfoProto {
+    let mut dim = vec![tensor_shape_proto::Dimension {
+        value: Some(tensor_shape_proto::dimension::Value::DimParam("N".into())),
+        denotation: None,
+    }];
+    dim.extend(event.iter().map(|&d| tensor_shape_proto::Dimension {
+        value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+        denotation: None,
+    }));
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(FLOAT),
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            denotation: None,
+        }),
+        doc_string: None,
+    }
+}
+
+fn model(inputs: Vec<ValueInfoProto>, outputs: Vec<ValueInfoProto>) -> Vec<u8> {
+    ModelProto {
+        ir_version: Some(8),
+        graph: Some(GraphProto {
+            input: inputs,
+            output: outputs,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Writes a consistent package for event shape `[2]` and returns its manifest.
+fn write_package(dir: &Path) -> Manifest {
+    let enc = model(
+        vec![value("x", &[2])],
+        vec![value("z", &[2]), value("log_prob", &[])],
+    );
+    let dec = model(vec![value("z", &[2])], vec![value("x", &[2])]);
+    std::fs::write(dir.join(ENCODE_FILE), &enc).unwrap();
+    std::fs::write(dir.join(DECODE_FILE), &dec).unwrap();
+    let event = [2];
+    let m = Manifest {
+        format_version: FORMAT_VERSION,
+        name: "t".into(),
+        version: 1,
+        family: "realnvp".into(),
+        event_shape: vec![2],
+        dtype: "float32".into(),
+        base: Base::StandardNormal,
+        graphs: Graphs {
+            encode: Graph {
+                file: ENCODE_FILE.into(),
+                sha256: sha256_hex(&enc),
+                inputs: vec![TensorSpec::batched("x", &event)],
+                outputs: vec![
+                    TensorSpec::batched("z", &event),
+                    TensorSpec::batched("log_prob", &[]),
+                ],
+                cost: Cost::OnePass,
+            },
+            decode: Graph {
+                file: DECODE_FILE.into(),
+                sha256: sha256_hex(&dec),
+                inputs: vec![TensorSpec::batched("z", &event)],
+                outputs: vec![TensorSpec::batched("x", &event)],
+                cost: Cost::OnePass,
+            },
+        },
+        domain: Domain {
+            features: Some(vec!["a".into(), "b".into()]),
+            ..Default::default()
+        },
+        metrics: Metrics::default(),
+        calibration: Calibration {
+            split: "test".into(),
+            count: 3,
+            quantiles: vec![
+                Quantile {
+                    q: 0.1,
+                    log_prob: -5.0,
+                },
+                Quantile {
+                    q: 0.5,
+                    log_prob: -2.0,
+                },
+                Quantile {
+                    q: 0.9,
+                    log_prob: -1.0,
+                },
+            ],
+        },
+        training: Training::default(),
+    };
+    m.write(dir).unwrap();
+    m
+}
+
+fn open_err(dir: &Path) -> String {
+    Package::open(dir)
+        .expect_err("the package must be refused")
+        .to_string()
+}
+
+#[test]
+fn a_consistent_package_opens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = write_package(tmp.path());
+    let p = Package::open(tmp.path()).unwrap();
+    assert_eq!(p.manifest, m);
+    assert_eq!(p.event_size(), 2);
+    let text = std::fs::read_to_string(tmp.path().join(MANIFEST_FILE)).unwrap();
+    assert!(
+        text.contains("\"shape\": [\n            \"N\",\n            2"),
+        "batch axis is \"N\" in JSON"
+    );
+}
+
+#[test]
+fn a_changed_graph_fails_its_checksum() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_package(tmp.path());
+    let path = tmp.path().join(ENCODE_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.push(0);
+    std::fs::write(&path, bytes).unwrap();
+    let e = open_err(tmp.path());
+    assert!(e.contains("encode.onnx") && e.contains("sha256"), "{e}");
+}
+
+#[test]
+fn a_graph_whose_shapes_disagree_with_the_manifest_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = write_package(tmp.path());
+    // The manifest claims 3 features, consistently, but the graphs take 2.
+    let event = [3];
+    m.event_shape = vec![3];
+    m.domain.features = None;
+    m.graphs.encode.inputs = vec![TensorSpec::batched("x", &event)];
+    m.graphs.encode.outputs = vec![
+        TensorSpec::batched("z", &event),
+        TensorSpec::batched("log_prob", &[]),
+    ];
+    m.graphs.decode.inputs = vec![TensorSpec::batched("z", &event)];
+    m.graphs.decode.outputs = vec![TensorSpec::batched("x", &event)];
+    m.write(tmp.path()).unwrap();
+    let e = open_err(tmp.path());
+    assert!(
+        e.contains("the graph maps (x[N, 2])") && e.contains("flow.json says (x[N, 3])"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_manifest_that_contradicts_itself_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = write_package(tmp.path());
+    m.graphs.decode.outputs[0].name = "y".into();
+    m.write(tmp.path()).unwrap();
+    let e = open_err(tmp.path());
+    assert!(
+        e.contains("graphs.decode must map (z[N, 2]) to (x[N, 2])"),
+        "{e}"
+    );
+
+    let mut m = write_package(tmp.path());
+    m.event_shape = vec![0];
+    m.write(tmp.path()).unwrap();
+    assert!(open_err(tmp.path()).contains("event_shape [0]"));
+
+    let mut m = write_package(tmp.path());
+    m.format_version = 99;
+    m.write(tmp.path()).unwrap();
+    assert!(open_err(tmp.path()).contains("format_version 99"));
+
+    let mut m = write_package(tmp.path());
+    m.graphs.encode.file = "../../etc/passwd".into();
+    m.write(tmp.path()).unwrap();
+    assert!(open_err(tmp.path()).contains("plain file name"));
+
+    let mut m = write_package(tmp.path());
+    m.domain.features = Some(vec!["a".into()]);
+    m.write(tmp.path()).unwrap();
+    assert!(open_err(tmp.path()).contains("domain.features names 1"));
+}
+
+#[test]
+fn unreadable_manifests_and_missing_files_name_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(open_err(tmp.path()).contains("flow.json"));
+
+    write_package(tmp.path());
+    std::fs::remove_file(tmp.path().join(DECODE_FILE)).unwrap();
+    assert!(open_err(tmp.path()).contains("decode.onnx"));
+
+    write_package(tmp.path());
+    let path = tmp.path().join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replacen("\"name\"", "\"nmae\"", 1);
+    std::fs::write(&path, text).unwrap();
+    let e = open_err(tmp.path());
+    assert!(
+        e.contains("not a valid manifest") && e.contains("nmae"),
+        "{e}"
+    );
+
+    write_package(tmp.path());
+    std::fs::write(tmp.path().join(ENCODE_FILE), b"not protobuf at all").unwrap();
+    let mut m = Package::open(tmp.path())
+        .map(|p| p.manifest)
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("sha256"), "{m}");
+    // With a matching checksum, the content itself is refused.
+    let mut man: Manifest = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    man.graphs.encode.sha256 = sha256_hex(b"not protobuf at all");
+    man.write(tmp.path()).unwrap();
+    m = open_err(tmp.path());
+    assert!(
+        m.contains("encode.onnx") && (m.contains("not an ONNX model") || m.contains("no graph")),
+        "{m}"
+    );
+}
+
+#[test]
+fn calibration_turns_a_score_into_a_percentile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = write_package(tmp.path()).calibration;
+    assert_eq!(c.percentile(-9.0), Some(0.0));
+    assert_eq!(c.percentile(-5.0), Some(0.1));
+    assert!((c.percentile(-3.5).unwrap() - 0.3).abs() < 1e-12);
+    assert_eq!(c.percentile(-1.0), Some(0.9));
+    assert_eq!(c.percentile(0.0), Some(1.0));
+    assert_eq!(Calibration::default().percentile(0.0), None);
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Rebuilds the bundled model packages in models/ from fixed seeds.
+# Usage: scripts/make-models.sh [path/to/flowtrain] [models-dir]
+set -euo pipefail
+FLOWTRAIN=${1:-target/release/flowtrain}
+MODELS=${2:-models}
+RUNS=${RUNS:-runs/models}
+
+# name | flowtrain arguments
+while IFS='|' read -r name args; do
+  [ -z "$name" ] && continue
+  echo "== $name: flowtrain train $args"
+  # shellcheck disable=SC2086
+  "$FLOWTRAIN" train $args --name "$name" --out "$RUNS/$name" --fresh --quiet
+  mkdir -p "$MODELS/$name/1"
+  cp "$RUNS/$name"/{flow.json,encode.onnx,decode.onnx} "$MODELS/$name/1/"
+done <<'LIST'
+moons|--family realnvp --data moons --layers 6 --hidden 64 --steps 4000 --seed 1
+wine|--family realnvp --data wine --layers 5 --hidden 100 --batch-norm true --steps 4000 --eval-every 50 --patience 20 --seed 1
+LIST
+echo "bundled packages are in $MODELS/"

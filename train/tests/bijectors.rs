@@ -1,0 +1,177 @@
+//! Every bijector: decode(encode(x)) = x, log-det = log|det J| from autodiff, and its ONNX
+//! twin (run by ONNX Runtime) agrees with candle in both directions.
+
+mod common;
+
+use candle_core::Tensor;
+use common::*;
+use flowtrain::bijectors::*;
+use flowtrain::nn::Activation;
+use flowtrain::params::Params;
+
+#[test]
+fn elementwise_affine() {
+    let p = Params::new(1);
+    let b = ElementwiseAffine::new(&p, &[0.5, -1.0, 3.0, 0.0, 2.0], &[2.0, 0.25, 1.5, 1.0, 7.0])
+        .unwrap();
+    check_bijector(&b, 5, 10);
+    assert!(
+        ElementwiseAffine::new(&Params::new(1), &[0.0], &[0.0]).is_err(),
+        "zero scale refused"
+    );
+}
+
+#[test]
+fn permutations() {
+    check_bijector(&Permutation::reverse(5).unwrap(), 5, 11);
+    check_bijector(&Permutation::random(6, 3).unwrap(), 6, 12);
+    assert!(
+        Permutation::new(vec![0, 0, 1]).is_err(),
+        "not a permutation"
+    );
+}
+
+#[test]
+fn additive_coupling_all_masks() {
+    for (k, (mask, flip)) in [
+        (Mask::Alternate, false),
+        (Mask::Alternate, true),
+        (Mask::Half, false),
+        (Mask::Half, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let p = Params::new(k as u64);
+        let b = AdditiveCoupling::new(&p, 5, mask, flip, 16, 2, Activation::Relu).unwrap();
+        randomize(&p, 100 + k as u64, 0.5);
+        check_bijector(&b, 5, 20 + k as u64);
+    }
+}
+
+#[test]
+fn affine_coupling_all_masks_and_activations() {
+    let cases = [
+        (Mask::Alternate, false, Activation::Relu),
+        (Mask::Alternate, true, Activation::Tanh),
+        (Mask::Half, false, Activation::Elu),
+        (Mask::Half, true, Activation::Silu),
+    ];
+    for (k, (mask, flip, act)) in cases.into_iter().enumerate() {
+        let p = Params::new(k as u64);
+        let b = AffineCoupling::new(&p, 5, mask, flip, 16, 2, act, 3.0).unwrap();
+        randomize(&p, 200 + k as u64, 0.5);
+        check_bijector(&b, 5, 30 + k as u64);
+    }
+}
+
+#[test]
+fn affine_coupling_starts_as_identity() {
+    let p = Params::new(0);
+    let b = AffineCoupling::new(&p, 4, Mask::Half, false, 8, 1, Activation::Relu, 3.0).unwrap();
+    let x = random_rows(16, 4, 1);
+    let (z, ld) = b.encode(&tensor(&x, 4)).unwrap();
+    assert_close(&to_vec(&z), &x, 0.0, 0.0, "identity at init");
+    assert!(to_vec(&ld).iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn affine_coupling_log_scale_is_bounded() {
+    let p = Params::new(0);
+    let b =
+        AffineCoupling::new(&p, 2, Mask::Alternate, false, 8, 1, Activation::Relu, 2.0).unwrap();
+    randomize(&p, 5, 50.0);
+    let x = random_rows(256, 2, 9);
+    let ld = to_vec(&b.encode(&tensor(&x, 2)).unwrap().1);
+    assert!(
+        ld.iter().all(|v| v.abs() <= 2.0 + 1e-5),
+        "one transformed feature, |s| ≤ clamp"
+    );
+}
+
+#[test]
+fn diagonal_scaling() {
+    let p = Params::new(0);
+    let b = DiagonalScaling::new(&p, 5).unwrap();
+    randomize(&p, 7, 1.0);
+    check_bijector(&b, 5, 40);
+}
+
+#[test]
+fn batch_norm_eval_mode() {
+    let p = Params::new(0);
+    let b = BatchNorm::new(&p, 5, 0.5, 1e-5).unwrap();
+    randomize(&p, 8, 0.7);
+    // Give it non-trivial running statistics through a few training batches.
+    b.set_training(true);
+    for s in 0..3 {
+        let x: Vec<f32> = random_rows(128, 5, 50 + s)
+            .iter()
+            .map(|v| v * 3.0 + 1.0)
+            .collect();
+        b.encode(&tensor(&x, 5)).unwrap();
+    }
+    check_bijector(&b, 5, 41);
+}
+
+#[test]
+fn batch_norm_training_normalises_and_tracks_statistics() {
+    let p = Params::new(0);
+    let b = BatchNorm::new(&p, 3, 1.0, 1e-5).unwrap();
+    b.set_training(true);
+    let x: Vec<f32> = random_rows(512, 3, 60)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * (1 + i % 3) as f32 + 5.0)
+        .collect();
+    let (z, ld) = b.encode(&tensor(&x, 3)).unwrap();
+    let z = to_vec(&z);
+    for c in 0..3 {
+        let col: Vec<f32> = z.iter().skip(c).step_by(3).copied().collect();
+        let mean = col.iter().sum::<f32>() / col.len() as f32;
+        let var = col.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / col.len() as f32;
+        assert!(
+            mean.abs() < 1e-4 && (var - 1.0).abs() < 1e-3,
+            "column {c}: mean {mean}, var {var}"
+        );
+    }
+    // log-det of a batch-statistics normalisation: -Σ log σ_batch.
+    let mut want = 0f64;
+    for c in 0..3 {
+        let col: Vec<f64> = x.iter().skip(c).step_by(3).map(|&v| v as f64).collect();
+        let m = col.iter().sum::<f64>() / col.len() as f64;
+        want -=
+            0.5 * (col.iter().map(|v| (v - m).powi(2)).sum::<f64>() / col.len() as f64 + 1e-5).ln();
+    }
+    assert!(
+        (to_vec(&ld)[0] as f64 - want).abs() < 1e-4,
+        "{} vs {want}",
+        to_vec(&ld)[0]
+    );
+    // With momentum 1 the running mean is the batch mean; eval now maps the batch to ~N(0,1).
+    b.set_training(false);
+    let ze = to_vec(&b.encode(&tensor(&x, 3)).unwrap().0);
+    let mean0 = ze.iter().step_by(3).sum::<f32>() / 512.0;
+    assert!(mean0.abs() < 1e-3, "eval mean {mean0}");
+}
+
+#[test]
+fn batch_norm_ignores_non_finite_batches() {
+    let p = Params::new(0);
+    let b = BatchNorm::new(&p, 2, 0.5, 1e-5).unwrap();
+    b.set_training(true);
+    let mut x = random_rows(8, 2, 1);
+    x[3] = f32::NAN;
+    b.encode(&tensor(&x, 2)).unwrap();
+    b.set_training(false);
+    let z = to_vec(
+        &b.encode(&Tensor::new(&[[1f32, 2.0]], &candle_core::Device::Cpu).unwrap())
+            .unwrap()
+            .0,
+    );
+    assert!(
+        z.iter().all(|v| v.is_finite()),
+        "running statistics stayed finite: {z:?}"
+    );
+    let _ = zeros(1);
+}

@@ -1,0 +1,191 @@
+//! Helpers shared by flowtrain's integration tests.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor, Var};
+use flowtrain::bijectors::{Bijector, LogDet};
+use flowtrain::onnx::Graph;
+use flowtrain::params::Params;
+use flowtrain::runtime;
+use prost::Message;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Row-major `[n, d]` standard-normal-ish values, seeded.
+pub fn random_rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n * d).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+}
+
+pub fn tensor(v: &[f32], d: usize) -> Tensor {
+    Tensor::from_slice(v, (v.len() / d, d), &Device::Cpu).unwrap()
+}
+
+/// Moves every trainable parameter away from its (often identity) initial value.
+pub fn randomize(params: &Params, seed: u64, scale: f32) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for v in params.trainable() {
+        let data: Vec<f32> = (0..v.elem_count())
+            .map(|_| rng.random_range(-scale..scale))
+            .collect();
+        v.set(&Tensor::from_vec(data, v.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+}
+
+pub fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// max |a - b| / (abs + rel·|b|); ≤ 1 means within tolerance.
+pub fn assert_close(a: &[f32], b: &[f32], abs: f32, rel: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let tol = abs + rel * y.abs();
+        assert!(
+            (x - y).abs() <= tol,
+            "{what}: element {i}: {x} vs {y} (tolerance {tol})"
+        );
+    }
+}
+
+/// log|det J| per row, with J from candle's autodiff (one backward pass per output
+/// feature) and the determinant from an f64 LU decomposition.
+pub fn brute_force_log_det(b: &dyn Bijector, x: &[f32], d: usize) -> Vec<f64> {
+    let n = x.len() / d;
+    let xv = Var::from_tensor(&tensor(x, d)).unwrap();
+    let (z, _) = b.encode(xv.as_tensor()).unwrap();
+    let mut jac = vec![vec![vec![0f64; d]; d]; n]; // [row][out i][in j]
+    #[allow(clippy::needless_range_loop)]
+    for i in 0..d {
+        let zi = z.narrow(1, i, 1).unwrap().sum_all().unwrap();
+        let grads = zi.backward().unwrap();
+        let g = grads
+            .get(xv.as_tensor())
+            .map(to_vec)
+            .unwrap_or_else(|| vec![0.0; n * d]);
+        for r in 0..n {
+            for j in 0..d {
+                jac[r][i][j] = g[r * d + j] as f64;
+            }
+        }
+    }
+    jac.into_iter().map(log_abs_det).collect()
+}
+
+/// log|det m| by Gaussian elimination with partial pivoting, in f64.
+pub fn log_abs_det(mut m: Vec<Vec<f64>>) -> f64 {
+    let d = m.len();
+    let mut total = 0.0;
+    for c in 0..d {
+        let p = (c..d)
+            .max_by(|&a, &b| m[a][c].abs().total_cmp(&m[b][c].abs()))
+            .unwrap();
+        m.swap(c, p);
+        let pivot = m[c][c];
+        assert!(pivot != 0.0, "singular Jacobian");
+        total += pivot.abs().ln();
+        let (top, rest) = m.split_at_mut(c + 1);
+        for row in rest {
+            let f = row[c] / pivot;
+            for (k, v) in row.iter_mut().enumerate().skip(c) {
+                *v -= f * top[c][k];
+            }
+        }
+    }
+    total
+}
+
+/// Runs a bijector's emitted encode graph: `(z, log_det per row)`.
+pub fn onnx_encode(b: &dyn Bijector, x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut g = Graph::new();
+    let input = g.input("x", &[d]);
+    let (z, ld) = b.emit_encode(&mut g, &input).unwrap();
+    g.output(&z, "z", &[d]);
+    let constant = match ld {
+        LogDet::Const(c) => Some(c),
+        LogDet::Rows(v) => {
+            g.output(&v, "log_det", &[]);
+            None
+        }
+    };
+    let bytes = g.finish("test", "").encode_to_vec();
+    let mut s = runtime::session(&bytes).unwrap();
+    let n = x.len() / d;
+    match constant {
+        Some(c) => {
+            let z = runtime::run(&mut s, "x", x, &[n, d], &["z"])
+                .unwrap()
+                .remove(0);
+            (z, vec![c as f32; n])
+        }
+        None => {
+            let mut out = runtime::run(&mut s, "x", x, &[n, d], &["z", "log_det"]).unwrap();
+            let ld = out.pop().unwrap();
+            (out.pop().unwrap(), ld)
+        }
+    }
+}
+
+/// Runs a bijector's emitted decode graph.
+pub fn onnx_decode(b: &dyn Bijector, z: &[f32], d: usize) -> Vec<f32> {
+    let mut g = Graph::new();
+    let input = g.input("z", &[d]);
+    let x = b.emit_decode(&mut g, &input).unwrap();
+    g.output(&x, "x", &[d]);
+    let bytes = g.finish("test", "").encode_to_vec();
+    let mut s = runtime::session(&bytes).unwrap();
+    runtime::run(&mut s, "z", z, &[z.len() / d, d], &["x"])
+        .unwrap()
+        .remove(0)
+}
+
+/// The four properties every bijector must have: invertibility, log-det against the
+/// brute-force Jacobian, and ONNX parity in both directions.
+pub fn check_bijector(b: &dyn Bijector, d: usize, seed: u64) {
+    b.set_training(false);
+    let x = random_rows(64, d, seed);
+    let (z, ld) = b.encode(&tensor(&x, d)).unwrap();
+    let (z, ld) = (to_vec(&z), to_vec(&ld));
+    assert!(
+        z.iter().chain(&ld).all(|v| v.is_finite()),
+        "{}: non-finite output",
+        b.name()
+    );
+    let back = to_vec(&b.decode(&tensor(&z, d)).unwrap());
+    assert_close(
+        &back,
+        &x,
+        1e-5,
+        1e-5,
+        &format!("{}: decode(encode(x))", b.name()),
+    );
+    assert_eq!(ld.len(), 64, "{}: one log-det per row", b.name());
+
+    let brute = brute_force_log_det(b, &x[..8 * d], d);
+    for (r, want) in brute.iter().enumerate() {
+        assert!(
+            (ld[r] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+            "{}: row {r}: log-det {} vs brute force {want}",
+            b.name(),
+            ld[r]
+        );
+    }
+
+    let (oz, old) = onnx_encode(b, &x, d);
+    assert_close(&oz, &z, 1e-5, 1e-4, &format!("{}: ONNX encode z", b.name()));
+    assert_close(
+        &old,
+        &ld,
+        1e-5,
+        1e-4,
+        &format!("{}: ONNX encode log-det", b.name()),
+    );
+    let zs = random_rows(64, d, seed + 1);
+    let cx = to_vec(&b.decode(&tensor(&zs, d)).unwrap());
+    let ox = onnx_decode(b, &zs, d);
+    assert_close(&ox, &cx, 1e-5, 1e-4, &format!("{}: ONNX decode", b.name()));
+}
+
+pub fn zeros(d: usize) -> Tensor {
+    Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap()
+}

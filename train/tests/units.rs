@@ -1,0 +1,160 @@
+//! The pieces under the training loop: schedule, optimiser, data handling.
+
+use candle_core::{Device, Tensor, Var};
+use flowtrain::config::{Config, DataConfig, Dequantize};
+use flowtrain::data::{self, toy, Table};
+use flowtrain::optim::{learning_rate, Adam};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+#[test]
+fn warm_up_then_cosine() {
+    let lr = |s| learning_rate(s, 1100, 1e-3, 100, 0.1);
+    assert!((lr(0) - 1e-5).abs() < 1e-12);
+    assert!((lr(99) - 1e-3).abs() < 1e-12);
+    assert!((lr(100) - 1e-3).abs() < 1e-12);
+    assert!((lr(600) - 0.55e-3).abs() < 1e-9, "half way down the cosine");
+    assert!((lr(1100) - 1e-4).abs() < 1e-12);
+    assert!((1..1100).all(|s| lr(s) <= 1e-3 + 1e-15));
+}
+
+#[test]
+fn adam_minimises_a_quadratic_and_clipping_scales_gradients() {
+    let w = Var::from_tensor(&Tensor::new(&[3f32, -2.0], &Device::Cpu).unwrap()).unwrap();
+    let mut adam = Adam::new(vec![w.clone()], 0.0).unwrap();
+    for _ in 0..500 {
+        let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        adam.step(&g, 0.05, 1.0).unwrap();
+    }
+    let v = w.as_tensor().to_vec1::<f32>().unwrap();
+    assert!(v.iter().all(|x| x.abs() < 1e-2), "{v:?}");
+    assert_eq!(adam.t, 500);
+
+    let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
+    let g = loss.backward().unwrap();
+    let norm = adam.grad_norm(&g).unwrap();
+    let want = 2.0 * v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    assert!((norm - want).abs() < 1e-6);
+}
+
+#[test]
+fn toy_densities_are_seeded_and_finite() {
+    for name in toy::TOY {
+        let a = toy::sample(name, 500, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
+        let b = toy::sample(name, 500, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
+        let c = toy::sample(name, 500, &mut ChaCha8Rng::seed_from_u64(2)).unwrap();
+        assert_eq!(a, b, "{name}: same seed, same points");
+        assert_ne!(a, c, "{name}: another seed, other points");
+        assert!(a.iter().all(|v| v.is_finite() && v.abs() < 20.0), "{name}");
+    }
+    assert!(toy::sample("nope", 1, &mut ChaCha8Rng::seed_from_u64(1)).is_none());
+}
+
+#[test]
+fn splits_are_seeded_disjoint_and_complete() {
+    let cfg = DataConfig {
+        dataset: "wine".into(),
+        ..Default::default()
+    };
+    let a = data::load(&cfg, 7).unwrap();
+    let b = data::load(&cfg, 7).unwrap();
+    assert_eq!(a.train, b.train);
+    assert_eq!(
+        (a.train.rows(), a.val.rows(), a.test.rows()),
+        (1279, 160, 160)
+    );
+    assert_eq!(a.train.dim, 11);
+    let c = data::load(&cfg, 8).unwrap();
+    assert_ne!(a.test, c.test);
+    let mut all: Vec<Vec<u32>> = [&a.train, &a.val, &a.test]
+        .iter()
+        .flat_map(|t| {
+            (0..t.rows())
+                .map(|r| t.row(r).iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let whole = data::read_table("wine", data::Columns::Drop(&[])).unwrap();
+    let mut want: Vec<Vec<u32>> = (0..whole.rows())
+        .map(|r| whole.row(r).iter().map(|v| v.to_bits()).collect())
+        .collect();
+    all.sort();
+    want.sort();
+    assert_eq!(all, want, "the three splits partition the table");
+
+    let digits = data::read_table("digits", data::Columns::Drop(&[])).unwrap();
+    assert_eq!((digits.rows(), digits.dim), (1797, 64));
+    assert!(digits.quantization_steps().iter().all(|&q| q == 1.0));
+    let wine = data::read_table("wine", data::Columns::Drop(&[])).unwrap();
+    let steps = wine.quantization_steps();
+    assert_eq!(steps[6], 1.0, "total sulfur dioxide is a count: {steps:?}");
+    assert!(
+        steps.iter().all(|&q| q > 0.0 && q <= 1.0),
+        "every wine column is recorded to a few decimals: {steps:?}"
+    );
+}
+
+#[test]
+fn dequantisation_and_standardisation() {
+    let ints = [1.0f32, 3.0, 2.0, 1.0, 2.0, 3.0, 1.0, 2.0];
+    let reals = [0.5f32, 1.5, 2.25, 0.123_456, 0.7, 0.9, 1.1, 1.3];
+    let values: Vec<f32> = (0..8).flat_map(|r| [ints[r], reals[r], 4.0]).collect();
+    let t = Table::new(vec!["int".into(), "real".into(), "const".into()], values).unwrap();
+    assert_eq!(
+        t.quantization_steps(),
+        vec![1.0, 0.0, 1.0],
+        "values repeat on a grid, or not"
+    );
+    let cfg = DataConfig {
+        dequantize: Dequantize::Auto,
+        ..Default::default()
+    };
+    let deq = data::quantization_steps(&cfg, &t);
+    let mut v = t.values.clone();
+    data::dequantize(&mut v, 3, &deq, &mut ChaCha8Rng::seed_from_u64(0));
+    for (r, row) in v.chunks(3).enumerate() {
+        assert!((row[0] - t.row(r)[0]).abs() <= 0.5 && row[0] != t.row(r)[0]);
+        assert_eq!(row[1], t.row(r)[1], "real-valued column untouched");
+    }
+    let s = data::standardization(&t, &deq);
+    let mean = ints.iter().sum::<f32>() as f64 / 8.0;
+    assert!((s.shift[0] as f64 - mean).abs() < 1e-6);
+    let var0 = ints.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / 8.0 + 1.0 / 12.0;
+    assert!(
+        (s.scale[0] as f64 - f64::sqrt(var0)).abs() < 1e-6,
+        "noise variance counted"
+    );
+    assert!(
+        (s.scale[2] as f64 - f64::sqrt(1.0 / 12.0)).abs() < 1e-6,
+        "constant integer column: noise only"
+    );
+    let s2 = data::standardization(&t, &[0.0, 0.0, 0.0]);
+    assert_eq!(s2.scale[2], 1.0, "constant column keeps scale 1");
+}
+
+#[test]
+fn config_files_layer_under_flags_and_reject_unknown_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("c.toml");
+    std::fs::write(
+        &p,
+        "[model]\nfamily = \"nice\"\nlayers = 3\n[train]\nlr = 0.01\n[data]\ndataset = \"rings\"\n",
+    )
+    .unwrap();
+    let c = Config::from_toml_file(&p).unwrap();
+    assert_eq!(c.model.layers, 3);
+    assert_eq!(c.train.lr, 0.01);
+    assert_eq!(c.train.batch_size, 256, "unset keys keep defaults");
+    c.validate().unwrap();
+    std::fs::write(&p, "[train]\nlearning_rate = 0.01\n").unwrap();
+    let e = Config::from_toml_file(&p).unwrap_err().to_string();
+    assert!(e.contains("learning_rate"), "{e}");
+    let mut bad = Config::default();
+    bad.train.batch_size = 1;
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("batch_size"));
+}
