@@ -10,6 +10,9 @@ mod error;
 mod manifest;
 pub mod onnx;
 mod package;
+#[cfg(feature = "runtime")]
+pub mod runtime;
+pub mod sampling;
 
 pub use error::PackageError;
 pub use manifest::{

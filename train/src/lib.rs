@@ -17,5 +17,4 @@ pub mod params;
 pub mod pipeline;
 pub mod plot;
 pub mod runtime;
-pub mod sampling;
 pub mod train;

@@ -5,12 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use flowpack::sampling::latent_noise;
 use flowtrain::bijectors::Mask;
 use flowtrain::config::{Config, Dequantize, Family, PermutationKind};
 use flowtrain::data::{self, toy, Columns};
 use flowtrain::nn::Activation;
 use flowtrain::runtime::PackageRunner;
-use flowtrain::sampling::latent_noise;
 use rand::SeedableRng;
 
 // candle allocates a fresh buffer for every tensor op; glibc's allocator returns and

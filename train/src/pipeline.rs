@@ -11,8 +11,8 @@ use crate::export::{export, ExportInfo};
 use crate::flows::Flow;
 use crate::params::Params;
 use crate::plot;
-use crate::sampling::latent_noise;
 use crate::train::{mean_nll, to_tensor, train, Outcome, Run};
+use flowpack::sampling::latent_noise;
 
 /// Seeds the fixed dequantisation noise of the test split.
 pub const TEST_NOISE: u64 = 0x7e57;

@@ -158,3 +158,67 @@ fn config_files_layer_under_flags_and_reject_unknown_keys() {
         .to_string()
         .contains("batch_size"));
 }
+
+#[test]
+fn npy_tables_are_read_and_bad_values_refused() {
+    use ndarray_npy::WriteNpyExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("x.npy");
+    let a = ndarray::Array2::from_shape_vec((3, 2), vec![1.0f64, 2.0, 3.0, 4.0, 5.0, 6.5]).unwrap();
+    a.write_npy(std::fs::File::create(&p).unwrap()).unwrap();
+    let t = data::read_table(p.to_str().unwrap(), data::Columns::Drop(&[])).unwrap();
+    assert_eq!((t.rows(), t.dim), (3, 2));
+    assert_eq!(t.values, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.5]);
+    assert_eq!(t.names, vec!["x0", "x1"]);
+
+    let q = tmp.path().join("f32.npy");
+    let b = ndarray::Array2::from_shape_vec((1, 2), vec![1.0f32, f32::INFINITY]).unwrap();
+    b.write_npy(std::fs::File::create(&q).unwrap()).unwrap();
+    let e = data::read_table(q.to_str().unwrap(), data::Columns::Drop(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("row 0, column 1") && e.contains("not a finite value"),
+        "{e}"
+    );
+}
+
+#[test]
+fn non_finite_steps_are_skipped_logged_and_slow_the_learning_rate() {
+    use flowtrain::pipeline::build;
+    use flowtrain::train::{train, Record, Run};
+    let mut config = Config::default();
+    config.data.dataset = "moons".into();
+    config.data.toy_samples = 500;
+    config.model.hidden = 8;
+    config.train.steps = 50;
+    let data = data::load(&config.data, 0).unwrap();
+    let (flow, params, deq) = build(&config, &data).unwrap();
+    // Poison one weight: every loss is NaN from now on.
+    let w = &params.trainable()[0];
+    w.set(&w.as_tensor().affine(0.0, f64::NAN).unwrap())
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = Run {
+        flow: &flow,
+        params: &params,
+        config: &config,
+        data: &data,
+        dequantized: &deq,
+        out: tmp.path(),
+        progress: false,
+    };
+    let e = train(&run).unwrap_err().to_string();
+    assert!(e.contains("20 consecutive steps"), "{e}");
+    let log = flowtrain::train::read_history(tmp.path(), u64::MAX).unwrap();
+    let scales: Vec<f64> = log
+        .iter()
+        .filter_map(|r| match r {
+            Record::Skip { lr_scale, .. } => Some(*lr_scale),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(scales.len(), 20);
+    assert_eq!(scales[0], 0.5);
+    assert_eq!(scales[1], 0.25, "each skip halves the learning rate");
+}

@@ -1,5 +1,6 @@
 //! Base-distribution noise: z ~ N(0, T²·I) from a seeded ChaCha stream (Glow's temperature
-//! convention: T scales the standard deviation).
+//! convention: T scales the standard deviation). flowtrain and flowserve draw through this one
+//! function, so a seed gives the same samples offline and over HTTP.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

@@ -1,0 +1,77 @@
+//! Command-line configuration; every flag has an environment twin (`FLOWSERVE_*`).
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use flowpack::runtime::Provider;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// flowserve's settings.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "flowserve",
+    version,
+    about = "Serve normalizing flows (flowtrain model packages) over HTTP with ONNX Runtime"
+)]
+pub struct Config {
+    /// Model repository: <models>/<name>/<version>/flow.json; the highest valid version of each
+    /// model is served.
+    #[arg(long, env = "FLOWSERVE_MODELS", default_value = "models")]
+    pub models: PathBuf,
+    /// Address to bind.
+    #[arg(long, env = "FLOWSERVE_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to bind.
+    #[arg(long, env = "FLOWSERVE_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Model used when a request names none (default: the only model, if there is one).
+    #[arg(long, env = "FLOWSERVE_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+    /// Most rows in one ONNX Runtime call; larger requests are split across batches.
+    #[arg(long, env = "FLOWSERVE_MAX_BATCH_ROWS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch_rows: u64,
+    /// Wait up to this long for a batch to fill (0: run as soon as the engine is free).
+    #[arg(long, env = "FLOWSERVE_MAX_QUEUE_DELAY_US", default_value_t = 0)]
+    pub max_queue_delay_us: u64,
+    /// Rows allowed to wait per queue; beyond it requests get 429 at once.
+    #[arg(long, env = "FLOWSERVE_MAX_QUEUE_ROWS", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queue_rows: u64,
+    /// Deadline of a request; a client may shorten it with the `x-request-timeout-ms` header.
+    #[arg(long, env = "FLOWSERVE_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+    /// Largest request body accepted (413 beyond).
+    #[arg(long, env = "FLOWSERVE_MAX_BODY_BYTES", default_value_t = 16 << 20)]
+    pub max_body_bytes: usize,
+    /// Most samples one /sample request may ask for.
+    #[arg(
+        long,
+        env = "FLOWSERVE_MAX_SAMPLES_PER_REQUEST",
+        default_value_t = 10_000
+    )]
+    pub max_samples_per_request: usize,
+    /// Execution providers in order of preference (cpu, cuda, tensorrt); CPU is the fallback.
+    #[arg(
+        long,
+        env = "FLOWSERVE_EXECUTION_PROVIDERS",
+        value_delimiter = ',',
+        default_value = "cpu"
+    )]
+    pub execution_providers: Vec<Provider>,
+    /// Threads ONNX Runtime may use inside one operator, per session.
+    #[arg(long, env = "FLOWSERVE_INTRA_OP_THREADS", default_value_t = 1)]
+    pub intra_op_threads: usize,
+    /// Log format.
+    #[arg(long, env = "FLOWSERVE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// On SIGTERM, wait this long for in-flight requests before exiting.
+    #[arg(long, env = "FLOWSERVE_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub shutdown_timeout_ms: u64,
+}
