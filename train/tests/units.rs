@@ -194,10 +194,11 @@ fn non_finite_steps_are_skipped_logged_and_slow_the_learning_rate() {
     config.train.steps = 50;
     let data = data::load(&config.data, 0).unwrap();
     let (flow, params, deq) = build(&config, &data).unwrap();
-    // Poison one weight: every loss is NaN from now on.
-    let w = &params.trainable()[0];
-    w.set(&w.as_tensor().affine(0.0, f64::NAN).unwrap())
-        .unwrap();
+    // Poison the weights (ReLU would swallow a NaN in a hidden layer): every loss is NaN.
+    for w in params.trainable() {
+        w.set(&w.as_tensor().affine(0.0, f64::NAN).unwrap())
+            .unwrap();
+    }
     let tmp = tempfile::tempdir().unwrap();
     let run = Run {
         flow: &flow,
