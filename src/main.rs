@@ -93,7 +93,8 @@ async fn run(config: Config) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    tracing::info!(%addr, "listening; loading models from {}", state.config.models.display());
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(addr = %bound, "listening; loading models from {}", state.config.models.display());
 
     let loader = state.clone();
     tokio::spawn(async move {
