@@ -8,7 +8,7 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
 CARGO ?= cargo
 FLOWTRAIN := target/release/flowtrain
 
-.PHONY: all ort build test lint unit models bench clean
+.PHONY: all ort build serve test lint unit models bench clean
 
 all: build
 
@@ -19,6 +19,12 @@ $(ORT_LIB): scripts/fetch-ort.sh
 
 build: ort
 	$(CARGO) build --workspace --release
+
+## Build in release mode and serve the bundled models in models/ on :8080 (FLOWSERVE_* env
+## variables or ARGS="--port 9000" change the settings).
+serve: ort
+	$(CARGO) build --release -p flowserve
+	./target/release/flowserve --models models $(ARGS)
 
 ## Everything CI checks: formatting, clippy, and the whole test suite.
 test: ort lint unit

@@ -8,7 +8,7 @@ pub mod wire;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 
 use crate::config::Config;
@@ -27,24 +27,35 @@ pub struct AppState {
     pub draining: AtomicBool,
 }
 
-/// Every route of the wire contract (`openapi.yaml`).
-pub fn router(state: Arc<AppState>) -> Router {
+/// Every route of the wire contract: method, path and handler. `openapi.yaml` describes
+/// exactly these (a test keeps the two in step).
+pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)> {
     use handlers::*;
-    Router::new()
-        .route("/log_prob", post(log_prob))
-        .route("/encode", post(encode))
-        .route("/sample", post(sample))
-        .route("/decode", post(decode))
-        .route("/v1/models", get(list_models))
-        .route("/v1/models/{name}", get(model_info))
-        .route("/v1/models/{name}/log_prob", post(log_prob_named))
-        .route("/v1/models/{name}/encode", post(encode_named))
-        .route("/v1/models/{name}/sample", post(sample_named))
-        .route("/v1/models/{name}/decode", post(decode_named))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(fallback)
-        .method_not_allowed_fallback(method_not_allowed)
+    vec![
+        ("POST", "/log_prob", post(log_prob)),
+        ("POST", "/encode", post(encode)),
+        ("POST", "/sample", post(sample)),
+        ("POST", "/decode", post(decode)),
+        ("GET", "/v1/models", get(list_models)),
+        ("GET", "/v1/models/{name}", get(model_info)),
+        ("POST", "/v1/models/{name}/log_prob", post(log_prob_named)),
+        ("POST", "/v1/models/{name}/encode", post(encode_named)),
+        ("POST", "/v1/models/{name}/sample", post(sample_named)),
+        ("POST", "/v1/models/{name}/decode", post(decode_named)),
+        ("GET", "/healthz", get(healthz)),
+        ("GET", "/readyz", get(readyz)),
+        ("GET", "/metrics", get(metrics)),
+    ]
+}
+
+/// The service's router over [`routes`].
+pub fn router(state: Arc<AppState>) -> Router {
+    routes()
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
+        .fallback(handlers::fallback)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .with_state(state)
 }

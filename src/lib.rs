@@ -1,0 +1,116 @@
+//! flowserve: serves flowtrain's model packages over HTTP with ONNX Runtime.
+//!
+//! Start-up: parse the config, open the port (liveness answers at once), load, check and
+//! warm every model on blocking threads, then report ready. SIGTERM/SIGINT: readiness turns
+//! false, the listener closes, in-flight requests finish (bounded by a timeout), exit 0.
+//!
+//! The request path: [`api`] (parse, validate against the manifest) → [`batcher`] (queue,
+//! batch) → [`runtime`] (one engine thread per graph) → back through the batcher to the
+//! request. [`repository`] loads the models; [`metrics`] holds every Prometheus metric.
+
+pub mod api;
+pub mod batcher;
+pub mod config;
+pub mod metrics;
+pub mod repository;
+pub mod runtime;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use flowpack::runtime::SessionOptions;
+
+use crate::api::AppState;
+use crate::batcher::BatchConfig;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::repository::LoadOptions;
+
+async fn shutdown_signal(state: Arc<AppState>) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    state.draining.store(true, Ordering::SeqCst);
+    let limit = Duration::from_millis(state.config.shutdown_timeout_ms);
+    tracing::info!(
+        in_flight = state.metrics.in_flight.get(),
+        "shutting down: not ready, draining in-flight requests (at most {limit:?})"
+    );
+    tokio::spawn(async move {
+        tokio::time::sleep(limit).await;
+        tracing::warn!("drain timeout reached; exiting with requests still in flight");
+        std::process::exit(0);
+    });
+}
+
+/// Serves until SIGTERM/SIGINT and the drain that follows.
+pub async fn run(config: Config) -> Result<(), String> {
+    let addr: SocketAddr = format!("{}:{}", config.host, config.port)
+        .parse()
+        .map_err(|e| format!("--host {} --port {}: {e}", config.host, config.port))?;
+    // Fail fast, with a clear message, when ONNX Runtime cannot be loaded at all.
+    flowpack::runtime::environment().map_err(|e| e.to_string())?;
+    let options = LoadOptions {
+        session: SessionOptions {
+            intra_threads: config.intra_op_threads,
+            providers: config.execution_providers.clone(),
+        },
+        batch: BatchConfig {
+            max_batch_rows: config.max_batch_rows as usize,
+            max_queue_rows: config.max_queue_rows as usize,
+            max_delay: Duration::from_micros(config.max_queue_delay_us),
+        },
+    };
+    let state = Arc::new(AppState {
+        config,
+        metrics: Metrics::new(),
+        repo: OnceLock::new(),
+        draining: Default::default(),
+    });
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(addr = %bound, "listening; loading models from {}", state.config.models.display());
+
+    let loader = state.clone();
+    tokio::spawn(async move {
+        match repository::load(&loader.config.models, &options, &loader.metrics).await {
+            Ok(repo) => {
+                let (n, failed) = (repo.models.len(), repo.failures.len());
+                let _ = loader.repo.set(repo);
+                if n == 0 {
+                    tracing::error!(failed, "no model could be loaded; /readyz stays 503");
+                } else {
+                    tracing::info!(models = n, failed, "ready");
+                }
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                let _ = loader.repo.set(Default::default());
+            }
+        }
+    });
+
+    let app = api::router(state.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal(state.clone()))
+        .await
+        .map_err(|e| format!("server error: {e}"))?;
+    tracing::info!("drained; bye");
+    Ok(())
+}
