@@ -45,10 +45,11 @@ models: ort
 	$(CARGO) build --release -p flowtrain
 	scripts/make-models.sh $(FLOWTRAIN) models
 
-## Training benchmarks; results go to BENCHMARKS.md.
+## Training and serving benchmarks; results go to BENCHMARKS.md.
 bench: ort
-	$(CARGO) build --release -p flowtrain
+	$(CARGO) build --release -p flowtrain -p flowserve
 	scripts/bench-train.sh $(FLOWTRAIN) BENCHMARKS.md
+	$(CARGO) bench --bench serve -- --seconds 5 --rounds 3 --out BENCHMARKS.md
 
 clean:
 	$(CARGO) clean

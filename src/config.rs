@@ -71,7 +71,11 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "FLOWSERVE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// On SIGTERM, wait this long for in-flight requests before exiting.
+    /// On SIGTERM, keep serving this long with /readyz answering 503, so load balancers stop
+    /// sending traffic before the listener closes.
+    #[arg(long, env = "FLOWSERVE_DRAIN_DELAY_MS", default_value_t = 0)]
+    pub drain_delay_ms: u64,
+    /// After the listener closes, wait this long for in-flight requests before exiting.
     #[arg(long, env = "FLOWSERVE_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
     pub shutdown_timeout_ms: u64,
 }

@@ -45,11 +45,10 @@ async fn shutdown_signal(state: Arc<AppState>) {
         _ = term => {},
     }
     state.draining.store(true, Ordering::SeqCst);
+    let delay = Duration::from_millis(state.config.drain_delay_ms);
     let limit = Duration::from_millis(state.config.shutdown_timeout_ms);
-    tracing::info!(
-        in_flight = state.metrics.in_flight.get(),
-        "shutting down: not ready, draining in-flight requests (at most {limit:?})"
-    );
+    tracing::info!(in_flight = state.metrics.in_flight.get(), "shutting down: /readyz now 503; serving {delay:?} more, then draining in-flight requests (at most {limit:?})");
+    tokio::time::sleep(delay).await;
     tokio::spawn(async move {
         tokio::time::sleep(limit).await;
         tracing::warn!("drain timeout reached; exiting with requests still in flight");
@@ -106,7 +105,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         }
     });
 
-    let app = api::router(state.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
+    let app = api::router(state.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal(state.clone()))
         .await

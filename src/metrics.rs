@@ -2,8 +2,8 @@
 //! already shows each family (with zero-valued series for every loaded model).
 
 use prometheus::{
-    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Endpoints, as the `endpoint` label spells them.
@@ -18,6 +18,17 @@ pub const REASONS: [&str; 5] = [
     "invalid",
     "engine_error",
 ];
+
+/// Per-(model, endpoint) series of successful requests.
+#[derive(Clone)]
+pub struct EndpointSeries {
+    /// Requests answered 200.
+    pub ok: IntCounter,
+    /// Rows answered.
+    pub rows: IntCounter,
+    /// Request latency.
+    pub duration: Histogram,
+}
 
 /// The service's metrics.
 pub struct Metrics {
@@ -196,6 +207,22 @@ impl Metrics {
             self.rejections.with_label_values(&[model, r]);
         }
         self.log_prob.with_label_values(&[model, version]);
+    }
+
+    /// The series one endpoint of one model updates on every successful request, looked up
+    /// once at load so the hot path does no label hashing.
+    pub fn endpoint_series(&self, model: &str, version: &str, endpoint: &str) -> EndpointSeries {
+        EndpointSeries {
+            ok: self
+                .requests
+                .with_label_values(&[model, version, endpoint, "200"]),
+            rows: self
+                .rows
+                .with_label_values(&[model, version, endpoint, "ok"]),
+            duration: self
+                .request_duration
+                .with_label_values(&[model, version, endpoint]),
+        }
     }
 
     /// The text exposition of every metric.

@@ -715,6 +715,8 @@ async fn sigterm_flips_readiness_drains_admitted_requests_and_exits_zero() {
             "300000",
             "--max-batch-rows",
             "100000",
+            "--drain-delay-ms",
+            "400",
         ],
     );
     server.ready().await;
@@ -733,11 +735,23 @@ async fn sigterm_flips_readiness_drains_admitted_requests_and_exits_zero() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     server.terminate();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let ready = server.client.get(server.url("/readyz")).send().await;
-    if let Ok(r) = ready {
-        assert_eq!(r.status(), 503, "not ready while draining");
-    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = server
+        .client
+        .get(server.url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "not ready while draining");
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"]["message"].as_str().unwrap().contains("draining"));
+    let h = server
+        .client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h.status(), 200, "still alive while draining");
     for t in tasks {
         let r = t
             .await
@@ -749,6 +763,70 @@ async fn sigterm_flips_readiness_drains_admitted_requests_and_exits_zero() {
     }
     let status = server.child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_are_split_across_batches_and_reassembled_in_order() {
+    let repo = bundled_models();
+    let server = Server::start(&repo, &["--max-batch-rows", "3"]);
+    server.ready().await;
+    let dir = repo.join("moons").join("1");
+    let x: Vec<f32> = (0..2 * 50).map(|i| (i as f32 * 0.37).sin() * 1.5).collect();
+    let want = direct(&dir, "encode", "x", &x, &["z", "log_prob"]);
+    let (s, v) = server
+        .post(
+            "/encode",
+            json!({"model": "moons", "inputs": rows_json(&x, 2)}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    close(&floats(&v["latents"]), &want[0], 1e-5, "latents in order");
+    close(&floats(&v["log_prob"]), &want[1], 1e-5, "log_prob in order");
+    let text = server.metrics().await;
+    assert!(
+        text.contains(
+            "flowserve_batch_rows_count{graph=\"encode\",model=\"moons\",version=\"1\"} 17"
+        ),
+        "50 rows in batches of 3: 17 batches"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_gets_504_and_is_counted() {
+    let server = Server::start(&bundled_models(), &["--max-queue-delay-us", "2000000"]);
+    server.ready().await;
+    let started = std::time::Instant::now();
+    let r = server
+        .client
+        .post(server.url("/log_prob"))
+        .header("x-request-timeout-ms", "150")
+        .json(&json!({"model": "moons", "inputs": [[0.1, 0.2]]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "answered at the deadline, not after the batch"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "deadline_exceeded");
+    let r = server
+        .client
+        .post(server.url("/log_prob"))
+        .header("x-request-timeout-ms", "soon")
+        .json(&json!({"model": "moons", "inputs": [[0.1, 0.2]]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // The expired entry is skipped when the queue next forms a batch, and counted.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let text = server.metrics().await;
+    assert!(
+        text.contains("flowserve_rejections_total{model=\"moons\",reason=\"timeout\"} 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,12 +20,13 @@ use crate::repository::{valid_name, Model};
 
 type St = State<Arc<AppState>>;
 
+/// In the order of [`crate::metrics::ENDPOINTS`].
 #[derive(Clone, Copy)]
 enum Endpoint {
-    LogProb,
-    Encode,
-    Sample,
-    Decode,
+    LogProb = 0,
+    Encode = 1,
+    Sample = 2,
+    Decode = 3,
 }
 
 impl Endpoint {
@@ -79,17 +80,10 @@ async fn serve(
     let total = started.elapsed();
     match result {
         Ok(done) => {
-            let v = done.model.version.to_string();
-            let labels = [done.model.name.as_str(), v.as_str(), endpoint.label()];
-            m.requests
-                .with_label_values(&[labels[0], labels[1], labels[2], "200"])
-                .inc();
-            m.rows
-                .with_label_values(&[labels[0], labels[1], labels[2], "ok"])
-                .inc_by(done.rows as u64);
-            m.request_duration
-                .with_label_values(&labels)
-                .observe(total.as_secs_f64());
+            let series = &done.model.series[endpoint as usize];
+            series.ok.inc();
+            series.rows.inc_by(done.rows as u64);
+            series.duration.observe(total.as_secs_f64());
             let mut r = (
                 StatusCode::OK,
                 [(header::CONTENT_TYPE, "application/json")],
@@ -148,9 +142,6 @@ fn resolve(
     path: Option<&str>,
     body: Option<&str>,
 ) -> Result<Arc<Model>, ApiError> {
-    if state.draining.load(Ordering::Relaxed) {
-        return Err(ApiError::unavailable("the server is shutting down"));
-    }
     let repo = state.repo.get().ok_or_else(|| {
         ApiError::unavailable("models are still loading; GET /readyz says when they are ready")
     })?;
@@ -299,12 +290,8 @@ async fn run_encode(
         .await
         .map_err(fail)?;
     let (z, lp) = (&out.values[0], &out.values[1]);
-    let hist = state
-        .metrics
-        .log_prob
-        .with_label_values(&[&model.name, &model.version.to_string()]);
     for &v in lp {
-        hist.observe(v as f64);
+        model.log_prob.observe(v as f64);
     }
     let m = &model.package.manifest;
     let body = match endpoint {

@@ -23,7 +23,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The loaded models, once loading has finished.
     pub repo: OnceLock<Repository>,
-    /// Set on SIGTERM: readiness turns false while in-flight requests finish.
+    /// Set on SIGTERM: readiness turns false; requests are still served until the listener
+    /// closes (after `--drain-delay-ms`) and in-flight ones finish.
     pub draining: AtomicBool,
 }
 

@@ -345,8 +345,8 @@ impl QueueTask {
                 break;
             };
             let left = front.rows - front.taken;
-            if front.shared.gone() || now >= front.deadline {
-                let expired = !front.shared.gone();
+            let expired = now >= front.deadline;
+            if expired || front.shared.gone() {
                 let p = self.queue.pop_front().expect("front exists");
                 self.release(left);
                 if expired {

@@ -12,8 +12,9 @@ use flowpack::{Cost, Package};
 use serde::Serialize;
 
 use crate::batcher::{BatchConfig, Batcher, QueueMetrics};
-use crate::metrics::Metrics;
+use crate::metrics::{EndpointSeries, Metrics, ENDPOINTS};
 use crate::runtime::Engine;
+use prometheus::Histogram;
 
 /// A served model version.
 pub struct Model {
@@ -33,6 +34,10 @@ pub struct Model {
     pub providers: [Provider; 2],
     /// Seconds to load, check and warm.
     pub load_seconds: f64,
+    /// Success series per endpoint, in [`crate::metrics::ENDPOINTS`] order.
+    pub series: Vec<EndpointSeries>,
+    /// Served log_prob values.
+    pub log_prob: Histogram,
 }
 
 /// A package that was refused.
@@ -201,7 +206,14 @@ async fn load_version(
         .model_info
         .with_label_values(&[name, &v, &package.manifest.family, &provider])
         .set(1);
+    let series = ENDPOINTS
+        .iter()
+        .map(|e| metrics.endpoint_series(name, &v, e))
+        .collect();
+    let log_prob = metrics.log_prob.with_label_values(&[name, &v]);
     Ok(Model {
+        series,
+        log_prob,
         name: name.to_string(),
         version,
         package,

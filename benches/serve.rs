@@ -1,0 +1,343 @@
+//! Serving benchmark (`make bench`): flowserve under load next to the in-process ONNX Runtime
+//! ceiling and a bare-axum HTTP floor, measured in one run, alternating, medians of rounds.
+//!
+//! (a) single-row /log_prob at 64 connections; (a1) the same with batching off
+//! (--max-batch-rows 1); (b) 1024-row requests at 4 connections; (c) the encode graph run by
+//! ONNX Runtime directly at batch 1024; (d) a bare axum handler that parses the same
+//! single-row JSON and answers without inference, at 64 connections.
+//! Usage: cargo bench --bench serve -- [--seconds S] [--rounds R] [--out BENCHMARKS.md]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+const MODEL: &str = "wine";
+const ROW: [f32; 11] = [
+    7.4, 0.7, 0.0, 1.9, 0.076, 11.0, 34.0, 0.9978, 3.51, 0.56, 9.4,
+];
+
+struct Load {
+    rows_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: usize,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_ready(url: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let ok = rt.block_on(async {
+            reqwest::get(url)
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false)
+        });
+        if ok {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{url} never became ready");
+}
+
+/// A closed-loop load: `conns` clients each sending `body` back to back for `secs`.
+fn load(url: &str, body: &serde_json::Value, rows: usize, conns: usize, secs: f64) -> Load {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(conns)
+            .build()
+            .unwrap();
+        let bytes = serde_json::to_vec(body).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        // Warm the connections, then measure.
+        for _ in 0..conns {
+            let (client, url, bytes, stop) =
+                (client.clone(), url.to_string(), bytes.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let r = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(bytes.clone())
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status().is_success() => {
+                            let _ = r.bytes().await;
+                            lat.push(t.elapsed().as_secs_f64());
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (lat, errors)
+            }));
+        }
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut lat = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let (l, e) = t.await.unwrap();
+            lat.extend(l);
+            errors += e;
+        }
+        lat.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            lat.get(((lat.len() as f64 - 1.0) * p) as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+                * 1e3
+        };
+        Load {
+            rows_per_s: (lat.len() * rows) as f64 / secs,
+            p50_ms: q(0.5),
+            p99_ms: q(0.99),
+            errors,
+        }
+    })
+}
+
+/// The bare axum floor: parse the request, answer a constant.
+fn floor_server(port: u16) {
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Req {
+        model: Option<String>,
+        inputs: Vec<Vec<f32>>,
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let app = axum::Router::new().route(
+            "/log_prob",
+            axum::routing::post(|body: axum::body::Bytes| async move {
+                let req: Req = serde_json::from_slice(&body).unwrap();
+                let lp = vec![0f32; req.inputs.len()];
+                axum::Json(json!({"model": "floor", "version": 1, "log_prob": lp}))
+            }),
+        );
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        axum::serve(l, app).await.unwrap();
+    });
+}
+
+fn spawn(cmd: &mut Command) -> Child {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ceiling(dir: &Path, secs: f64) -> f64 {
+    let p = flowpack::Package::open(dir).unwrap();
+    let bytes = std::fs::read(p.path(&p.manifest.graphs.encode.file)).unwrap();
+    let mut s = flowpack::runtime::session(&bytes).unwrap();
+    let x: Vec<f32> = ROW.iter().copied().cycle().take(1024 * 11).collect();
+    let start = Instant::now();
+    let mut n = 0;
+    while start.elapsed().as_secs_f64() < secs {
+        flowpack::runtime::run(&mut s, "x", &x, &[1024, 11], &["z", "log_prob"]).unwrap();
+        n += 1024;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--floor-server") {
+        floor_server(args[i + 1].parse().unwrap());
+        return;
+    }
+    let get = |flag: &str, default: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .map(|i| args[i + 1].clone())
+            .unwrap_or(default.into())
+    };
+    let secs: f64 = get("--seconds", "5").parse().unwrap();
+    let rounds: usize = get("--rounds", "3").parse().unwrap();
+    let out = PathBuf::from(get("--out", "BENCHMARKS.md"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let server_bin = root.join("target/release/flowserve");
+    assert!(
+        server_bin.exists(),
+        "build the server first: cargo build --release -p flowserve"
+    );
+    let models = root.join("models");
+
+    let start_server = |extra: &[&str]| {
+        let port = free_port();
+        let g = Guard(spawn(
+            Command::new(&server_bin)
+                .arg("--models")
+                .arg(&models)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(extra)
+                .env("RUST_LOG", "error"),
+        ));
+        wait_ready(&format!("http://127.0.0.1:{port}/readyz"));
+        (g, format!("http://127.0.0.1:{port}/log_prob"))
+    };
+    let one = json!({"model": MODEL, "inputs": [ROW]});
+    let big = json!({"model": MODEL, "inputs": vec![ROW; 1024]});
+
+    let names = [
+        "(a) flowserve, 1 row, 64 conns",
+        "(a1) same, batching off",
+        "(b) flowserve, 1024 rows, 4 conns",
+        "(c) ONNX Runtime in-process, batch 1024",
+        "(d) bare axum floor, 1 row, 64 conns",
+    ];
+    let mut results: Vec<Vec<Load>> = (0..5).map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        {
+            let (_g, url) = start_server(&[]);
+            results[0].push(load(&url, &one, 1, 64, secs));
+        }
+        {
+            let (_g, url) = start_server(&["--max-batch-rows", "1"]);
+            results[1].push(load(&url, &one, 1, 64, secs));
+        }
+        {
+            let (_g, url) = start_server(&["--max-batch-rows", "1024"]);
+            results[2].push(load(&url, &big, 1024, 4, secs));
+        }
+        results[3].push(Load {
+            rows_per_s: ceiling(&models.join(MODEL).join("1"), secs),
+            p50_ms: f64::NAN,
+            p99_ms: f64::NAN,
+            errors: 0,
+        });
+        {
+            let port = free_port();
+            let exe = std::env::current_exe().unwrap();
+            let _g = Guard(spawn(
+                Command::new(exe).args(["--floor-server", &port.to_string()]),
+            ));
+            let url = format!("http://127.0.0.1:{port}/log_prob");
+            let start = Instant::now();
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+                && start.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            results[4].push(load(&url, &one, 1, 64, secs));
+        }
+        {
+            let (_g, url) = start_server(&["--max-queue-delay-us", "100"]);
+            results[5].push(load(&url, &one, 1, 64, secs));
+        }
+    }
+    let med: Vec<(f64, f64, f64, usize)> = results
+        .iter_mut()
+        .map(|r| {
+            let mut a: Vec<f64> = r.iter().map(|l| l.rows_per_s).collect();
+            let mut b: Vec<f64> = r.iter().map(|l| l.p50_ms).collect();
+            let mut c: Vec<f64> = r.iter().map(|l| l.p99_ms).collect();
+            (
+                median(&mut a),
+                median(&mut b),
+                median(&mut c),
+                r.iter().map(|l| l.errors).sum(),
+            )
+        })
+        .collect();
+    let mut table =
+        String::from("| scenario | rows/s | p50 ms | p99 ms | errors |\n|---|---|---|---|---|\n");
+    for (name, (rps, p50, p99, err)) in names.iter().zip(&med) {
+        let f = |v: f64| {
+            if v.is_nan() {
+                "–".to_string()
+            } else {
+                format!("{v:.2}")
+            }
+        };
+        table.push_str(&format!(
+            "| {name} | {rps:.0} | {} | {} | {err} |\n",
+            f(*p50),
+            f(*p99)
+        ));
+    }
+    let ratio = |a: usize, b: usize| med[a].0 / med[b].0;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let section = format!(
+        "## Serving: flowserve under load (bundled `{MODEL}` model, D = 11)\n\n\
+Measured with `make bench` (`cargo bench --bench serve -- --seconds {secs} --rounds {rounds}`) on {} cores ({cpu}); \
+every scenario runs for {secs} s per round, the scenarios alternate, and each number is the median of {rounds} rounds. \
+The load generator (reqwest, closed loop, one worker thread) runs on the same 2 cores as the server, as does the floor.\n\n{table}\n\
+Ratios: (b) / (c) = **{:.2}** (target ≥ 0.9); (a) / (d) = **{:.2}** in rows/s (target ≥ 0.5), p99 (a) / (d) = **{:.2}** (target ≤ 2); \
+(a) / (a1) batching on vs off = **{:.1}×** (target ≥ 5), (a2) / (a1) = **{:.1}×**.\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        ratio(2, 3),
+        ratio(0, 4),
+        med[0].2 / med[4].2,
+        ratio(0, 1),
+        ratio(5, 1),
+    );
+    println!("{section}");
+    let text = std::fs::read_to_string(&out).unwrap_or_else(|_| "# Benchmarks\n\n".into());
+    let text = match text.find("## Serving:") {
+        Some(start) => {
+            let end = text[start + 1..].find("\n## ").map(|e| start + 1 + e + 1);
+            format!(
+                "{}{}{}",
+                &text[..start],
+                section,
+                end.map(|e| &text[e..]).unwrap_or("")
+            )
+        }
+        None => format!("{}\n\n{}", text.trim_end(), section),
+    };
+    std::fs::write(&out, text).unwrap();
+    eprintln!("wrote {}", out.display());
+}
