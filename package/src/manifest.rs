@@ -57,6 +57,37 @@ pub struct Graphs {
     pub decode: Graph,
 }
 
+impl Graphs {
+    /// The package signatures for `event`: `encode.onnx` maps `x[N, ...event]` to
+    /// `z[N, ...event], log_prob[N]`, `decode.onnx` maps `z` to `x`.
+    pub fn standard(
+        event: &[usize],
+        encode_sha256: String,
+        decode_sha256: String,
+        cost: [Cost; 2],
+    ) -> Graphs {
+        Graphs {
+            encode: Graph {
+                file: ENCODE_FILE.into(),
+                sha256: encode_sha256,
+                inputs: vec![TensorSpec::batched("x", event)],
+                outputs: vec![
+                    TensorSpec::batched("z", event),
+                    TensorSpec::batched("log_prob", &[]),
+                ],
+                cost: cost[0],
+            },
+            decode: Graph {
+                file: DECODE_FILE.into(),
+                sha256: decode_sha256,
+                inputs: vec![TensorSpec::batched("z", event)],
+                outputs: vec![TensorSpec::batched("x", event)],
+                cost: cost[1],
+            },
+        }
+    }
+}
+
 /// One ONNX graph file and its signature.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::manifest::{Dim, Graph, Manifest, TensorSpec, MANIFEST_FILE};
+use crate::manifest::{Cost, Dim, Graph, Graphs, Manifest, TensorSpec, MANIFEST_FILE};
 use crate::{onnx, PackageError, FORMAT_VERSION};
 
 /// A model package whose manifest, checksums and graph signatures have been checked.
@@ -83,29 +83,18 @@ impl Manifest {
             ));
         }
         let event = &self.event_shape;
+        let standard = Graphs::standard(event, String::new(), String::new(), [Cost::OnePass; 2]);
         let want = [
-            (
-                "graphs.encode",
-                &self.graphs.encode,
-                vec![TensorSpec::batched("x", event)],
-                vec![
-                    TensorSpec::batched("z", event),
-                    TensorSpec::batched("log_prob", &[]),
-                ],
-            ),
-            (
-                "graphs.decode",
-                &self.graphs.decode,
-                vec![TensorSpec::batched("z", event)],
-                vec![TensorSpec::batched("x", event)],
-            ),
+            ("graphs.encode", &self.graphs.encode, &standard.encode),
+            ("graphs.decode", &self.graphs.decode, &standard.decode),
         ];
-        for (field, graph, inputs, outputs) in want {
-            if graph.inputs != inputs || graph.outputs != outputs {
+        for (field, graph, expected) in want {
+            let (inputs, outputs) = (&expected.inputs, &expected.outputs);
+            if graph.inputs != *inputs || graph.outputs != *outputs {
                 return bad(format!(
                     "{field} must map {} to {}, as event_shape {:?} implies; it says {} to {}",
-                    show(&inputs),
-                    show(&outputs),
+                    show(inputs),
+                    show(outputs),
                     event,
                     show(&graph.inputs),
                     show(&graph.outputs)

@@ -63,25 +63,12 @@ fn write_package(dir: &Path) -> Manifest {
         event_shape: vec![2],
         dtype: "float32".into(),
         base: Base::StandardNormal,
-        graphs: Graphs {
-            encode: Graph {
-                file: ENCODE_FILE.into(),
-                sha256: sha256_hex(&enc),
-                inputs: vec![TensorSpec::batched("x", &event)],
-                outputs: vec![
-                    TensorSpec::batched("z", &event),
-                    TensorSpec::batched("log_prob", &[]),
-                ],
-                cost: Cost::OnePass,
-            },
-            decode: Graph {
-                file: DECODE_FILE.into(),
-                sha256: sha256_hex(&dec),
-                inputs: vec![TensorSpec::batched("z", &event)],
-                outputs: vec![TensorSpec::batched("x", &event)],
-                cost: Cost::OnePass,
-            },
-        },
+        graphs: Graphs::standard(
+            &event,
+            sha256_hex(&enc),
+            sha256_hex(&dec),
+            [Cost::OnePass; 2],
+        ),
         domain: Domain {
             features: Some(vec!["a".into(), "b".into()]),
             ..Default::default()

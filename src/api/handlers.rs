@@ -13,7 +13,9 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::error::ApiError;
-use super::wire::{parse_json, InputsRequest, LatentsRequest, Rows, RowsOut, SampleRequest};
+use super::wire::{
+    parse_json, InputsRequest, LatentsRequest, NamesModel, Rows, RowsOut, SampleRequest,
+};
 use super::AppState;
 use crate::batcher::Outputs;
 use crate::repository::{valid_name, Model};
@@ -260,6 +262,33 @@ struct SamplesOut<'a> {
     temperature: Option<f64>,
 }
 
+/// What every inference request starts from: its parsed body, its model and its deadline.
+struct Prepared<T> {
+    req: T,
+    model: Arc<Model>,
+    deadline: Instant,
+}
+
+/// Parses the body, resolves the model (URL, then body, then default) and the deadline.
+async fn prepare<T: for<'de> serde::Deserialize<'de> + NamesModel>(
+    state: &AppState,
+    path: Option<String>,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+) -> Result<Prepared<T>, Failed> {
+    let req: T = parse_json(headers, body, state.config.max_body_bytes)
+        .await
+        .map_err(|e| (None, e))?;
+    let model = resolve(state, path.as_deref(), req.model()).map_err(|e| (None, e))?;
+    let deadline = deadline(state, headers, started).map_err(|e| (Some(model.clone()), e))?;
+    Ok(Prepared {
+        req,
+        model,
+        deadline,
+    })
+}
+
 fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("responses serialise")
 }
@@ -272,12 +301,12 @@ async fn run_encode(
     body: Body,
     started: Instant,
 ) -> Result<Done, Failed> {
-    let req: InputsRequest = parse_json(headers, body, state.config.max_body_bytes)
-        .await
-        .map_err(|e| (None, e))?;
-    let model = resolve(state, path.as_deref(), req.model.as_deref()).map_err(|e| (None, e))?;
+    let Prepared {
+        req,
+        model,
+        deadline,
+    } = prepare::<InputsRequest>(state, path, headers, body, started).await?;
     let fail = |e: ApiError| (Some(model.clone()), e);
-    let deadline = deadline(state, headers, started).map_err(fail)?;
     check_rows(
         "inputs",
         &req.inputs,
@@ -326,12 +355,12 @@ async fn run_decode(
     body: Body,
     started: Instant,
 ) -> Result<Done, Failed> {
-    let req: LatentsRequest = parse_json(headers, body, state.config.max_body_bytes)
-        .await
-        .map_err(|e| (None, e))?;
-    let model = resolve(state, path.as_deref(), req.model.as_deref()).map_err(|e| (None, e))?;
+    let Prepared {
+        req,
+        model,
+        deadline,
+    } = prepare::<LatentsRequest>(state, path, headers, body, started).await?;
     let fail = |e: ApiError| (Some(model.clone()), e);
-    let deadline = deadline(state, headers, started).map_err(fail)?;
     check_rows(
         "latents",
         &req.latents,
@@ -369,12 +398,12 @@ async fn run_sample(
     body: Body,
     started: Instant,
 ) -> Result<Done, Failed> {
-    let req: SampleRequest = parse_json(headers, body, state.config.max_body_bytes)
-        .await
-        .map_err(|e| (None, e))?;
-    let model = resolve(state, path.as_deref(), req.model.as_deref()).map_err(|e| (None, e))?;
+    let Prepared {
+        req,
+        model,
+        deadline,
+    } = prepare::<SampleRequest>(state, path, headers, body, started).await?;
     let fail = |e: ApiError| (Some(model.clone()), e);
-    let deadline = deadline(state, headers, started).map_err(fail)?;
     let limit = state
         .config
         .max_samples_per_request

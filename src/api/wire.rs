@@ -157,6 +157,21 @@ pub struct SampleRequest {
     pub seed: Option<u64>,
 }
 
+/// A request body that may name its model.
+pub trait NamesModel {
+    /// The `model` field.
+    fn model(&self) -> Option<&str>;
+}
+
+macro_rules! names_model {
+    ($($t:ty),*) => {$(impl NamesModel for $t {
+        fn model(&self) -> Option<&str> {
+            self.model.as_deref()
+        }
+    })*};
+}
+names_model!(InputsRequest, LatentsRequest, SampleRequest);
+
 /// Reads and parses a JSON body: 415 unless it is JSON, 413 past `limit` bytes, 400 for
 /// malformed JSON, 422 (naming the field) for values of the wrong type or shape.
 pub async fn parse_json<T: for<'de> Deserialize<'de>>(
@@ -199,33 +214,47 @@ pub async fn parse_json<T: for<'de> Deserialize<'de>>(
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::malformed("the body is empty; send a JSON object"));
     }
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let msg = inner.to_string();
-        let at = if path == "." || path.is_empty() {
-            String::new()
-        } else {
-            format!("{path}: ")
-        };
-        use serde_json::error::Category;
-        match inner.classify() {
-            _ if msg.starts_with("number out of range") => ApiError::invalid(format!(
-                "{at}a number is outside the float64 range ({msg}); values must be finite float32"
-            )),
-            _ if msg.starts_with("recursion limit exceeded") => {
-                ApiError::invalid(format!("{at}arrays are nested too deeply"))
+    // The fast path parses directly; only a failed parse is repeated with path tracking,
+    // so the error can name the element (`inputs[3][1]`).
+    match serde_json::from_slice::<T>(&bytes) {
+        Ok(value) => Ok(value),
+        Err(_) => Err(explain::<T>(&bytes)),
+    }
+}
+
+/// Re-parses a body that failed, to say where and why.
+fn explain<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> ApiError {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let e = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(_) => {
+            return match de.end() {
+                Ok(()) => ApiError::malformed("malformed JSON"),
+                Err(e) => ApiError::malformed(format!("malformed JSON: {e}")),
             }
-            Category::Data => ApiError::invalid(format!("{at}{msg}")),
-            Category::Syntax | Category::Eof | Category::Io => ApiError::malformed(format!(
-                "malformed JSON: {msg} (JSON has no NaN or Infinity; send finite numbers)"
-            )),
         }
-    })?;
-    de.end()
-        .map_err(|e| ApiError::malformed(format!("malformed JSON: {e}")))?;
-    Ok(value)
+        Err(e) => e,
+    };
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let msg = inner.to_string();
+    let at = if path == "." || path.is_empty() {
+        String::new()
+    } else {
+        format!("{path}: ")
+    };
+    use serde_json::error::Category;
+    match inner.classify() {
+        _ if msg.starts_with("number out of range") => ApiError::invalid(format!(
+            "{at}a number is outside the float64 range ({msg}); values must be finite float32"
+        )),
+        _ if msg.starts_with("recursion limit exceeded") => {
+            ApiError::invalid(format!("{at}arrays are nested too deeply"))
+        }
+        Category::Data => ApiError::invalid(format!("{at}{msg}")),
+        Category::Syntax | Category::Eof | Category::Io => ApiError::malformed(format!(
+            "malformed JSON: {msg} (JSON has no NaN or Infinity; send finite numbers)"
+        )),
+    }
 }
 
 /// Rows of `data` nested by `event_shape`, for responses.

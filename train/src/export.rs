@@ -4,8 +4,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use flowpack::{
-    sha256_hex, Base, Calibration, Cost, Domain, Graph, Graphs, Manifest, Metrics, Quantile,
-    Quantized, TensorSpec, Training, DECODE_FILE, ENCODE_FILE, FORMAT_VERSION,
+    sha256_hex, Base, Calibration, Cost, Domain, Graphs, Manifest, Metrics, Quantile, Quantized,
+    Training, DECODE_FILE, ENCODE_FILE, FORMAT_VERSION,
 };
 use prost::Message;
 
@@ -97,25 +97,12 @@ pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
         event_shape: event.clone(),
         dtype: "float32".into(),
         base: Base::StandardNormal,
-        graphs: Graphs {
-            encode: Graph {
-                file: ENCODE_FILE.into(),
-                sha256: encode_sha,
-                inputs: vec![TensorSpec::batched("x", &event)],
-                outputs: vec![
-                    TensorSpec::batched("z", &event),
-                    TensorSpec::batched("log_prob", &[]),
-                ],
-                cost: Cost::OnePass,
-            },
-            decode: Graph {
-                file: DECODE_FILE.into(),
-                sha256: decode_sha,
-                inputs: vec![TensorSpec::batched("z", &event)],
-                outputs: vec![TensorSpec::batched("x", &event)],
-                cost: Cost::OnePass,
-            },
-        },
+        graphs: Graphs::standard(
+            &event,
+            encode_sha,
+            decode_sha,
+            [Cost::OnePass, Cost::OnePass],
+        ),
         domain: Domain {
             quantized: info
                 .features
