@@ -13,6 +13,10 @@ pub enum Family {
     Nice,
     /// Affine coupling layers with alternating masks, optionally batch norm (Dinh et al., 2016).
     Realnvp,
+    /// One masked autoregressive Gaussian layer (Germain et al., 2015).
+    Made,
+    /// A stack of MADEs with alternating orders (Papamakarios et al., 2017).
+    Maf,
 }
 
 impl Family {
@@ -21,6 +25,8 @@ impl Family {
         match self {
             Family::Nice => "nice",
             Family::Realnvp => "realnvp",
+            Family::Made => "made",
+            Family::Maf => "maf",
         }
     }
 }
@@ -55,7 +61,7 @@ pub enum Dequantize {
 pub struct ModelConfig {
     /// Flow family.
     pub family: Family,
-    /// Number of coupling layers.
+    /// Number of coupling layers (NICE, RealNVP) or MADEs (MAF).
     pub layers: usize,
     /// Units per hidden layer of each conditioner.
     pub hidden: usize,

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use flowpack::{
-    sha256_hex, Base, Calibration, Cost, Domain, Graphs, Manifest, Metrics, Quantile, Quantized,
+    sha256_hex, Base, Calibration, Domain, Graphs, Manifest, Metrics, Quantile, Quantized,
     Training, DECODE_FILE, ENCODE_FILE, FORMAT_VERSION,
 };
 use prost::Message;
@@ -97,12 +97,7 @@ pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
         event_shape: event.clone(),
         dtype: "float32".into(),
         base: Base::StandardNormal,
-        graphs: Graphs::standard(
-            &event,
-            encode_sha,
-            decode_sha,
-            [Cost::OnePass, Cost::OnePass],
-        ),
+        graphs: Graphs::standard(&event, encode_sha, decode_sha, flow.costs()),
         domain: Domain {
             quantized: info
                 .features

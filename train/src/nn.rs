@@ -22,7 +22,7 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Activation::Relu => x.relu(),
             Activation::Tanh => x.tanh(),
@@ -31,7 +31,7 @@ impl Activation {
         }
     }
 
-    fn emit(self, g: &mut Graph, x: &Value) -> Value {
+    pub(crate) fn emit(self, g: &mut Graph, x: &Value) -> Value {
         match self {
             Activation::Relu => g.op("Relu", &[x], vec![]),
             Activation::Tanh => g.tanh(x),

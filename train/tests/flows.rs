@@ -163,3 +163,28 @@ fn realnvp_on_moons_integrates_to_one() {
     let mass: f64 = lp.iter().map(|&v| (v as f64).exp()).sum::<f64>() * dx * dy;
     assert!((mass - 1.0).abs() <= 0.02, "density integrates to {mass}");
 }
+
+#[test]
+fn maf_with_batch_norm_on_wine() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(Family::Maf, "wine", true, 150);
+    train_export_compare(&c, dir.path());
+    let m = Package::open(dir.path()).unwrap().manifest;
+    assert_eq!(m.family, "maf");
+    assert_eq!(
+        m.graphs.encode.cost,
+        flowpack::Cost::OnePass,
+        "density in one pass"
+    );
+    assert_eq!(
+        m.graphs.decode.cost,
+        flowpack::Cost::Sequential,
+        "sampling is sequential"
+    );
+}
+
+#[test]
+fn made_alone_on_moons() {
+    let dir = tempfile::tempdir().unwrap();
+    train_export_compare(&config(Family::Made, "moons", false, 150), dir.path());
+}

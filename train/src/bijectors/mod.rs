@@ -5,6 +5,7 @@
 //! in one file per bijector so that each file's parity test covers both.
 
 use candle_core::{Result, Tensor};
+use flowpack::Cost;
 
 use crate::onnx::{Graph, Value};
 
@@ -13,6 +14,7 @@ mod affine;
 mod affine_coupling;
 mod batch_norm;
 mod diagonal_scaling;
+mod made;
 mod permutation;
 mod split;
 
@@ -21,6 +23,7 @@ pub use affine::ElementwiseAffine;
 pub use affine_coupling::AffineCoupling;
 pub use batch_norm::BatchNorm;
 pub use diagonal_scaling::DiagonalScaling;
+pub use made::{degrees, Made};
 pub use permutation::Permutation;
 pub use split::{Mask, Split};
 
@@ -45,6 +48,14 @@ pub trait Bijector {
     fn emit_encode(&self, g: &mut Graph, x: &Value) -> Result<(Value, LogDet)>;
     /// [`Bijector::decode`] as ONNX nodes (evaluation mode).
     fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value>;
+    /// How `encode` scales with the dimension (one pass unless autoregressive inversion).
+    fn encode_cost(&self) -> Cost {
+        Cost::OnePass
+    }
+    /// How `decode` scales with the dimension.
+    fn decode_cost(&self) -> Cost {
+        Cost::OnePass
+    }
     /// Switches between training (batch statistics) and evaluation behaviour.
     fn set_training(&self, _training: bool) {}
 }

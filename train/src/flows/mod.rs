@@ -4,12 +4,14 @@
 
 use candle_core::{Result, Tensor};
 use flowpack::onnx::ModelProto;
+use flowpack::Cost;
 
 use crate::bijectors::{Bijector, ElementwiseAffine, LogDet};
 use crate::config::{Family, ModelConfig};
 use crate::onnx::Graph;
 use crate::params::Params;
 
+mod maf;
 mod nice;
 mod realnvp;
 
@@ -55,12 +57,29 @@ impl Flow {
         match cfg.family {
             Family::Nice => nice::build(cfg, dim, params, &mut layers)?,
             Family::Realnvp => realnvp::build(cfg, dim, params, &mut layers)?,
+            Family::Made | Family::Maf => maf::build(cfg, dim, params, &mut layers)?,
         }
         Ok(Flow {
             family: cfg.family,
             dim,
             layers,
         })
+    }
+
+    /// How the two directions scale with the dimension: sequential if any layer's is.
+    pub fn costs(&self) -> [Cost; 2] {
+        let seq = |f: fn(&dyn Bijector) -> Cost| {
+            if self
+                .layers
+                .iter()
+                .any(|l| f(l.as_ref()) == Cost::Sequential)
+            {
+                Cost::Sequential
+            } else {
+                Cost::OnePass
+            }
+        };
+        [seq(|b| b.encode_cost()), seq(|b| b.decode_cost())]
     }
 
     /// Training (batch statistics) or evaluation behaviour for every layer.

@@ -1,0 +1,53 @@
+//! MAF (Papamakarios et al., 2017): a stack of MADEs whose orders alternate (reversed on odd
+//! layers, or seeded random orders), optionally with batch norm between them. MADE alone is
+//! the one-layer case. Density (encode) is one pass; sampling (decode) is sequential.
+
+use candle_core::Result;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::bijectors::{BatchNorm, Bijector, Made};
+use crate::config::{Family, ModelConfig, PermutationKind};
+use crate::params::Params;
+
+pub(super) fn build(
+    cfg: &ModelConfig,
+    dim: usize,
+    p: &Params,
+    layers: &mut Vec<Box<dyn Bijector>>,
+) -> Result<()> {
+    let n = if cfg.family == Family::Made {
+        1
+    } else {
+        cfg.layers
+    };
+    let hidden = vec![cfg.hidden; cfg.hidden_layers];
+    for i in 0..n {
+        let seed = p.seed().wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64 + 1);
+        let mut order: Vec<usize> = (0..dim).collect();
+        match cfg.permutation {
+            PermutationKind::Random => order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed)),
+            _ if i % 2 == 1 => order.reverse(),
+            _ => {}
+        }
+        layers.push(Box::new(Made::new(
+            &p.pp(format!("made{i}")),
+            dim,
+            &hidden,
+            cfg.activation,
+            order,
+            cfg.scale_clamp,
+            seed,
+        )?));
+        if cfg.batch_norm && i + 1 < n {
+            layers.push(Box::new(BatchNorm::new(
+                &p.pp(format!("batch_norm{i}")),
+                dim,
+                cfg.batch_norm_momentum,
+                1e-5,
+            )?));
+        }
+    }
+    Ok(())
+}
