@@ -17,6 +17,8 @@ pub enum Family {
     Made,
     /// A stack of MADEs with alternating orders (Papamakarios et al., 2017).
     Maf,
+    /// MAF's masked transform used inverted: one-pass sampling, sequential density (Kingma et al., 2016).
+    Iaf,
 }
 
 impl Family {
@@ -27,6 +29,7 @@ impl Family {
             Family::Realnvp => "realnvp",
             Family::Made => "made",
             Family::Maf => "maf",
+            Family::Iaf => "iaf",
         }
     }
 }

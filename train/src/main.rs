@@ -167,12 +167,19 @@ fn config_for(a: &TrainArgs) -> Result<Config> {
 
 fn train(a: TrainArgs) -> Result<()> {
     let config = config_for(&a)?;
+    // Default name: the output folder's, or its parent's when the folder is a repository
+    // version (`models/wine/3` → "wine").
     let name = a.name.clone().unwrap_or_else(|| {
-        a.out
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("flow")
-            .to_string()
+        let leaf = a.out.file_name().and_then(|n| n.to_str()).unwrap_or("flow");
+        let parent = a
+            .out
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str());
+        match (leaf.parse::<u64>(), parent) {
+            (Ok(_), Some(p)) => p.to_string(),
+            _ => leaf.to_string(),
+        }
     });
     if !a.fresh && flowtrain::train::has_checkpoint(&a.out) {
         eprintln!("resuming from the checkpoint in {}", a.out.display());

@@ -262,3 +262,20 @@ fn made_degrees_connect_every_hidden_unit() {
         "each layer's degrees start at the previous minimum"
     );
 }
+
+#[test]
+fn iaf_is_made_inverted_with_the_costs_swapped() {
+    use flowpack::Cost;
+    for (k, order) in [vec![0, 1, 2, 3, 4], vec![3, 1, 4, 0, 2]]
+        .into_iter()
+        .enumerate()
+    {
+        let (_p, m) = made(order, 20 + k as u64);
+        let iaf = Inverse(m);
+        assert_eq!(
+            (iaf.encode_cost(), iaf.decode_cost()),
+            (Cost::Sequential, Cost::OnePass)
+        );
+        check_bijector(&iaf, 5, 60 + k as u64);
+    }
+}

@@ -188,3 +188,22 @@ fn made_alone_on_moons() {
     let dir = tempfile::tempdir().unwrap();
     train_export_compare(&config(Family::Made, "moons", false, 150), dir.path());
 }
+
+#[test]
+fn iaf_trained_by_maximum_likelihood_on_moons() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(Family::Iaf, "moons", false, 150);
+    c.model.layers = 3;
+    train_export_compare(&c, dir.path());
+    let m = Package::open(dir.path()).unwrap().manifest;
+    assert_eq!(
+        m.graphs.encode.cost,
+        flowpack::Cost::Sequential,
+        "density is sequential"
+    );
+    assert_eq!(
+        m.graphs.decode.cost,
+        flowpack::Cost::OnePass,
+        "sampling in one pass"
+    );
+}

@@ -1,13 +1,14 @@
 //! MAF (Papamakarios et al., 2017): a stack of MADEs whose orders alternate (reversed on odd
 //! layers, or seeded random orders), optionally with batch norm between them. MADE alone is
 //! the one-layer case. Density (encode) is one pass; sampling (decode) is sequential.
+//! IAF is the same stack with each MADE inverted: sampling one pass, density sequential.
 
 use candle_core::Result;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::bijectors::{BatchNorm, Bijector, Made};
+use crate::bijectors::{BatchNorm, Bijector, Inverse, Made};
 use crate::config::{Family, ModelConfig, PermutationKind};
 use crate::params::Params;
 
@@ -31,7 +32,7 @@ pub(super) fn build(
             _ if i % 2 == 1 => order.reverse(),
             _ => {}
         }
-        layers.push(Box::new(Made::new(
+        let made = Made::new(
             &p.pp(format!("made{i}")),
             dim,
             &hidden,
@@ -39,7 +40,12 @@ pub(super) fn build(
             order,
             cfg.scale_clamp,
             seed,
-        )?));
+        )?;
+        if cfg.family == Family::Iaf {
+            layers.push(Box::new(Inverse(made)));
+        } else {
+            layers.push(Box::new(made));
+        }
         if cfg.batch_norm && i + 1 < n {
             layers.push(Box::new(BatchNorm::new(
                 &p.pp(format!("batch_norm{i}")),

@@ -57,7 +57,7 @@ impl Flow {
         match cfg.family {
             Family::Nice => nice::build(cfg, dim, params, &mut layers)?,
             Family::Realnvp => realnvp::build(cfg, dim, params, &mut layers)?,
-            Family::Made | Family::Maf => maf::build(cfg, dim, params, &mut layers)?,
+            Family::Made | Family::Maf | Family::Iaf => maf::build(cfg, dim, params, &mut layers)?,
         }
         Ok(Flow {
             family: cfg.family,
