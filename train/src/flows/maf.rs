@@ -8,7 +8,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::bijectors::{BatchNorm, Bijector, Inverse, Made};
+use crate::bijectors::{Bijector, Inverse, Made};
 use crate::config::{Family, ModelConfig, PermutationKind};
 use crate::params::Params;
 
@@ -47,12 +47,7 @@ pub(super) fn build(
             layers.push(Box::new(made));
         }
         if cfg.batch_norm && i + 1 < n {
-            layers.push(Box::new(BatchNorm::new(
-                &p.pp(format!("batch_norm{i}")),
-                dim,
-                cfg.batch_norm_momentum,
-                1e-5,
-            )?));
+            layers.push(super::batch_norm(cfg, dim, i, p)?);
         }
     }
     Ok(())

@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 use flowpack::onnx::ModelProto;
 use flowpack::Cost;
 
-use crate::bijectors::{Bijector, ElementwiseAffine, LogDet};
+use crate::bijectors::{BatchNorm, Bijector, ElementwiseAffine, LogDet};
 use crate::config::{Family, ModelConfig};
 use crate::onnx::Graph;
 use crate::params::Params;
@@ -167,6 +167,17 @@ impl Flow {
         g.output(&x, "x", &event);
         Ok(g.finish(&format!("{name}_decode"), "latent → data"))
     }
+}
+
+/// The batch norm that follows layer `i` when the config asks for one.
+fn batch_norm(cfg: &ModelConfig, dim: usize, i: usize, p: &Params) -> Result<Box<dyn Bijector>> {
+    let bn = BatchNorm::new(
+        &p.pp(format!("batch_norm{i}")),
+        dim,
+        cfg.batch_norm_momentum,
+        1e-5,
+    )?;
+    Ok(Box::new(bn))
 }
 
 /// log N(z; 0, I) per row.

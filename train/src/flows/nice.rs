@@ -4,7 +4,7 @@
 use candle_core::Result;
 
 use super::realnvp::between;
-use crate::bijectors::{AdditiveCoupling, BatchNorm, Bijector, DiagonalScaling};
+use crate::bijectors::{AdditiveCoupling, Bijector, DiagonalScaling};
 use crate::config::ModelConfig;
 use crate::params::Params;
 
@@ -27,12 +27,7 @@ pub(super) fn build(
             cfg.activation,
         )?));
         if cfg.batch_norm {
-            layers.push(Box::new(BatchNorm::new(
-                &p.pp(format!("batch_norm{i}")),
-                dim,
-                cfg.batch_norm_momentum,
-                1e-5,
-            )?));
+            layers.push(super::batch_norm(cfg, dim, i, p)?);
         }
     }
     layers.push(Box::new(DiagonalScaling::new(&p.pp("scaling"), dim)?));

@@ -3,7 +3,7 @@
 
 use candle_core::Result;
 
-use crate::bijectors::{AffineCoupling, BatchNorm, Bijector, Permutation};
+use crate::bijectors::{AffineCoupling, Bijector, Permutation};
 use crate::config::{ModelConfig, PermutationKind};
 use crate::params::Params;
 
@@ -54,12 +54,7 @@ pub(super) fn build(
             cfg.scale_clamp,
         )?));
         if cfg.batch_norm && i + 1 < cfg.layers {
-            layers.push(Box::new(BatchNorm::new(
-                &p.pp(format!("batch_norm{i}")),
-                dim,
-                cfg.batch_norm_momentum,
-                1e-5,
-            )?));
+            layers.push(super::batch_norm(cfg, dim, i, p)?);
         }
     }
     Ok(())
