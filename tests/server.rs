@@ -716,7 +716,7 @@ async fn sigterm_flips_readiness_drains_admitted_requests_and_exits_zero() {
             "--max-batch-rows",
             "100000",
             "--drain-delay-ms",
-            "400",
+            "2500",
         ],
     );
     server.ready().await;
@@ -735,13 +735,21 @@ async fn sigterm_flips_readiness_drains_admitted_requests_and_exits_zero() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     server.terminate();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let r = server
-        .client
-        .get(server.url("/readyz"))
-        .send()
-        .await
-        .unwrap();
+    // Readiness turns 503 as soon as the signal is handled; the listener stays open for the
+    // drain delay, so poll within it.
+    let polled = std::time::Instant::now();
+    let r = loop {
+        let r = server
+            .client
+            .get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 200 || polled.elapsed() > Duration::from_secs(2) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(r.status(), 503, "not ready while draining");
     let v: Value = r.json().await.unwrap();
     assert!(v["error"]["message"].as_str().unwrap().contains("draining"));
