@@ -351,8 +351,8 @@ fn write_samples(out: &Path, ext: &str, names: &[String], x: &[f32], dim: usize)
         if dim != 2 {
             bail!("PNG output draws a scatter plot of 2-D models; this model has {dim} features, use .csv");
         }
-        let win = flowtrain::plot::window(x);
-        return flowtrain::plot::density_panels(x, &[], 0, x, win, out);
+        let title = format!("{} samples", x.len() / dim);
+        return flowtrain::plot::scatter(x, &title, out);
     }
     let mut w =
         csv::Writer::from_path(out).with_context(|| format!("cannot write {}", out.display()))?;

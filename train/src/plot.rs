@@ -194,3 +194,30 @@ pub fn density_panels(
     root.present().map_err(err)?;
     Ok(())
 }
+
+/// A scatter plot of 2-D points (`flowtrain sample --out samples.png`).
+pub fn scatter(points: &[f32], title: &str, path: &Path) -> Result<()> {
+    let win = window(points);
+    let root = BitMapBackend::new(path, (600, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut b = ChartBuilder::on(&root);
+    b.margin(15).x_label_area_size(30).y_label_area_size(40);
+    if have_font() {
+        b.caption(title, ("sans-serif", 20));
+    }
+    let mut chart = b
+        .build_cartesian_2d(win[0].0..win[0].1, win[1].0..win[1].1)
+        .map_err(err)?;
+    if have_font() {
+        chart.configure_mesh().draw().map_err(err)?;
+    }
+    chart
+        .draw_series(
+            points
+                .chunks(2)
+                .map(|p| Circle::new((p[0] as f64, p[1] as f64), 1, BLUE.mix(0.3).filled())),
+        )
+        .map_err(err)?;
+    root.present().map_err(err)?;
+    Ok(())
+}
