@@ -17,5 +17,6 @@ while IFS='|' read -r name args; do
 done <<'LIST'
 moons|--family realnvp --data moons --layers 6 --hidden 64 --steps 4000 --seed 1
 wine|--family realnvp --data wine --layers 5 --hidden 100 --batch-norm true --steps 4000 --eval-every 50 --patience 20 --seed 1
+wine_maf|--family maf --data wine --layers 5 --hidden 100 --batch-norm true --steps 4000 --eval-every 50 --patience 20 --seed 1
 LIST
 echo "bundled packages are in $MODELS/"

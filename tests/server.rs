@@ -34,7 +34,7 @@ async fn endpoints_match_the_graphs_run_directly() {
     let repo = bundled_models();
     let server = Server::start(&repo, &[]);
     server.ready().await;
-    for name in ["moons", "wine"] {
+    for name in ["moons", "wine", "wine_maf"] {
         let dir = repo.join(name).join("1");
         let manifest = flowpack::Package::open(&dir).unwrap().manifest;
         let d = manifest.event_shape[0];
@@ -121,7 +121,20 @@ async fn endpoints_match_the_graphs_run_directly() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, vec!["moons", "wine"]);
+    assert_eq!(names, vec!["moons", "wine", "wine_maf"]);
+    let r = server
+        .client
+        .get(server.url("/v1/models/wine_maf"))
+        .send()
+        .await
+        .unwrap();
+    let maf: Value = r.json().await.unwrap();
+    assert_eq!(maf["family"], "maf");
+    assert_eq!(
+        maf["cost"],
+        json!({"encode": "one_pass", "decode": "sequential"}),
+        "MAF samples sequentially"
+    );
     let r = server
         .client
         .get(server.url("/v1/models/wine"))
@@ -395,7 +408,7 @@ async fn bad_input_gets_a_4xx_json_error_naming_the_problem() {
             r#"{"inputs": [[1, 2]]}"#.into(),
             422,
             "invalid_input",
-            "moons, wine",
+            "moons, wine, wine_maf",
         ),
         (
             "/log_prob",
@@ -620,7 +633,11 @@ async fn a_corrupt_package_is_refused_while_the_valid_ones_serve() {
         .collect();
     assert_eq!(
         served,
-        vec![("moons".to_string(), 1), ("wine".to_string(), 1)],
+        vec![
+            ("moons".to_string(), 1),
+            ("wine".to_string(), 1),
+            ("wine_maf".to_string(), 1)
+        ],
         "wine falls back to version 1"
     );
     let failures = models["unavailable"].as_array().unwrap();
