@@ -293,6 +293,33 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("responses serialise")
 }
 
+/// A `/decode` or `/sample` answer: the decoded rows (and, for samples, how they were drawn).
+fn samples_done(
+    model: Arc<Model>,
+    rows: usize,
+    out: Outputs,
+    seed: Option<u64>,
+    temperature: Option<f64>,
+) -> Done {
+    let body = to_json(&SamplesOut {
+        model: &model.name,
+        version: model.version,
+        samples: RowsOut {
+            data: &out.values[0],
+            event_shape: &model.package.manifest.event_shape,
+        },
+        seed,
+        temperature,
+    });
+    Done {
+        rows,
+        body,
+        queue: out.queue_time,
+        inference: out.inference_time,
+        model,
+    }
+}
+
 async fn run_encode(
     state: &AppState,
     path: Option<String>,
@@ -372,23 +399,7 @@ async fn run_decode(
     let out = submit(&model.decode, req.latents.values, rows, deadline)
         .await
         .map_err(fail)?;
-    let body = to_json(&SamplesOut {
-        model: &model.name,
-        version: model.version,
-        samples: RowsOut {
-            data: &out.values[0],
-            event_shape: &model.package.manifest.event_shape,
-        },
-        seed: None,
-        temperature: None,
-    });
-    Ok(Done {
-        rows,
-        body,
-        queue: out.queue_time,
-        inference: out.inference_time,
-        model,
-    })
+    Ok(samples_done(model, rows, out, None, None))
 }
 
 async fn run_sample(
@@ -424,23 +435,7 @@ async fn run_sample(
     let seed = req.seed.unwrap_or_else(rand::random);
     let z = flowpack::sampling::latent_noise(n, model.event_size, temperature, seed);
     let out = submit(&model.decode, z, n, deadline).await.map_err(fail)?;
-    let body = to_json(&SamplesOut {
-        model: &model.name,
-        version: model.version,
-        samples: RowsOut {
-            data: &out.values[0],
-            event_shape: &model.package.manifest.event_shape,
-        },
-        seed: Some(seed),
-        temperature: Some(temperature),
-    });
-    Ok(Done {
-        rows: n,
-        body,
-        queue: out.queue_time,
-        inference: out.inference_time,
-        model,
-    })
+    Ok(samples_done(model, n, out, Some(seed), Some(temperature)))
 }
 
 macro_rules! endpoint {
