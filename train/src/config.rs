@@ -82,6 +82,32 @@ pub struct ModelConfig {
     pub permutation: PermutationKind,
     /// Bound c of the affine coupling's log-scale, s = c·tanh(h/c).
     pub scale_clamp: f64,
+    /// MADE/MAF/IAF: a new input order per minibatch (order-agnostic training).
+    pub order_agnostic: bool,
+    /// MADE/MAF/IAF: new hidden degrees per minibatch (connectivity-agnostic training).
+    pub connectivity_agnostic: bool,
+    /// Agnostic training cycles through this many mask sets (set 0 is the exported one);
+    /// 0 draws a fresh set every minibatch.
+    pub masks: usize,
+    /// Evaluate (validation, `ensemble_test_nll`) as the average density over mask sets
+    /// 0..ensemble, by log-sum-exp; 1 evaluates the exported mask set alone.
+    pub ensemble: usize,
+}
+
+impl ModelConfig {
+    /// Whether training draws mask sets (order- or connectivity-agnostic MADE).
+    pub fn mask_agnostic(&self) -> bool {
+        self.order_agnostic || self.connectivity_agnostic
+    }
+
+    /// The mask set of training step `step`.
+    pub fn mask_set(&self, step: u64) -> u64 {
+        match (self.mask_agnostic(), self.masks) {
+            (false, _) => 0,
+            (true, 0) => step,
+            (true, n) => step % n as u64,
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -97,6 +123,10 @@ impl Default for ModelConfig {
             mask: Mask::Alternate,
             permutation: PermutationKind::None,
             scale_clamp: 3.0,
+            order_agnostic: false,
+            connectivity_agnostic: false,
+            masks: 0,
+            ensemble: 1,
         }
     }
 }
@@ -213,6 +243,16 @@ impl Config {
         let (m, t, d) = (&self.model, &self.train, &self.data);
         anyhow::ensure!(m.layers >= 1, "model.layers must be at least 1");
         anyhow::ensure!(m.hidden >= 1, "model.hidden must be at least 1");
+        let autoregressive = matches!(m.family, Family::Made | Family::Maf | Family::Iaf);
+        anyhow::ensure!(
+            autoregressive || !m.mask_agnostic(),
+            "model.order_agnostic and connectivity_agnostic apply to made, maf and iaf only"
+        );
+        anyhow::ensure!(m.ensemble >= 1, "model.ensemble must be at least 1");
+        anyhow::ensure!(
+            m.ensemble == 1 || m.mask_agnostic(),
+            "model.ensemble > 1 needs order_agnostic or connectivity_agnostic training"
+        );
         anyhow::ensure!(t.batch_size >= 2, "train.batch_size must be at least 2");
         anyhow::ensure!(t.lr > 0.0 && t.lr.is_finite(), "train.lr must be positive");
         anyhow::ensure!(

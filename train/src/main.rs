@@ -83,6 +83,18 @@ struct TrainArgs {
     /// Permutations between couplings.
     #[arg(long, value_enum)]
     permutation: Option<PermutationKind>,
+    /// MADE/MAF/IAF: a new input order per minibatch.
+    #[arg(long)]
+    order_agnostic: Option<bool>,
+    /// MADE/MAF/IAF: new hidden degrees per minibatch.
+    #[arg(long)]
+    connectivity_agnostic: Option<bool>,
+    /// Mask sets cycled by agnostic training (0: fresh every minibatch).
+    #[arg(long)]
+    masks: Option<usize>,
+    /// Evaluate as the average density over this many mask sets.
+    #[arg(long)]
+    ensemble: Option<usize>,
     /// Minibatch size.
     #[arg(long)]
     batch_size: Option<usize>,
@@ -157,6 +169,8 @@ fn config_for(a: &TrainArgs) -> Result<Config> {
         c.train.batch_size => a.batch_size, c.train.lr => a.lr, c.train.patience => a.patience,
         c.train.eval_every => a.eval_every, c.train.checkpoint_every => a.checkpoint_every,
         c.data.drop_columns => a.drop_columns, c.data.dequantize => a.dequantize,
+        c.model.order_agnostic => a.order_agnostic, c.model.masks => a.masks,
+        c.model.connectivity_agnostic => a.connectivity_agnostic, c.model.ensemble => a.ensemble,
     );
     if a.data.is_none() && a.config.is_none() {
         bail!("no dataset: pass --data (a built-in name or a .csv/.npy path)");
@@ -217,6 +231,12 @@ fn train(a: TrainArgs) -> Result<()> {
         "test NLL     {:.4} nats/example",
         m.test_nll.unwrap_or(f64::NAN)
     );
+    if let Some(e) = s.ensemble_test_nll {
+        println!(
+            "ensemble NLL {e:.4} nats/example (test, {} mask sets)",
+            config.model.ensemble
+        );
+    }
     if let Some(b) = m.test_bits_per_dim {
         println!("test bits/dim {b:.4}");
     }

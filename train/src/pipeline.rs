@@ -25,6 +25,8 @@ pub struct Summary {
     pub outcome: Outcome,
     /// Trainable scalars.
     pub parameters: usize,
+    /// Test NLL of the density averaged over `model.ensemble` mask sets, when above 1.
+    pub ensemble_test_nll: Option<f64>,
 }
 
 /// A flow built for `config` over `data`, with its parameter store and dequantised columns.
@@ -66,7 +68,13 @@ pub fn train_and_export(
         out,
         progress,
     })?;
-    let test_nll = mean_nll(&flow, &data.test, &deq, TEST_NOISE)?;
+    let test_nll = mean_nll(&flow, &data.test, &deq, TEST_NOISE, 1)?;
+    let ensemble = config.model.ensemble;
+    let ensemble_test_nll = if ensemble > 1 {
+        Some(mean_nll(&flow, &data.test, &deq, TEST_NOISE, ensemble)?)
+    } else {
+        None
+    };
     let dim = data.train.dim;
     let bits = deq
         .iter()
@@ -75,7 +83,7 @@ pub fn train_and_export(
 
     plot::loss_curves(&outcome.history, &out.join("loss.png"))?;
     if dim == 2 {
-        density_plot(&flow, &data, config.train.seed, &out.join("density.png"))?;
+        density_plot(&flow, &data, config, &out.join("density.png"))?;
     }
     let manifest = export(
         &flow,
@@ -113,6 +121,8 @@ pub fn train_and_export(
         "train_seconds": outcome.train_seconds,
         "validation_nll": outcome.best_val_nll,
         "test_nll": test_nll,
+        "ensemble": ensemble,
+        "ensemble_test_nll": ensemble_test_nll,
         "test_bits_per_dim": bits,
         "skipped_steps": outcome.nan_skips,
     });
@@ -124,11 +134,56 @@ pub fn train_and_export(
         manifest,
         outcome,
         parameters: params.count(),
+        ensemble_test_nll,
     })
 }
 
-/// Values of exp(log p) on a `res × res` grid over `win`, rows from top to bottom.
-pub fn density_grid(flow: &Flow, win: [(f64, f64); 2], res: usize) -> Result<Vec<f32>> {
+/// A finished (or interrupted) run read back from its folder: its configuration, its data
+/// and the flow with the best parameters the run kept, in evaluation mode.
+pub struct LoadedRun {
+    /// The run's `config.toml`.
+    pub config: Config,
+    /// The data, split as in training.
+    pub data: Splits,
+    /// The flow, best parameters restored.
+    pub flow: Flow,
+    /// Its parameter store.
+    pub params: Params,
+    /// Dequantisation step per column.
+    pub dequantized: Vec<f32>,
+}
+
+/// Reads a run folder written by [`train_and_export`] (config.toml and the checkpoint).
+pub fn load_run(dir: &Path) -> Result<LoadedRun> {
+    let config = Config::from_toml_file(&dir.join("config.toml"))
+        .with_context(|| format!("{} is not a flowtrain run folder", dir.display()))?;
+    let tensors = crate::train::best_tensors(dir)?;
+    let data = data::load(&config.data, config.train.seed)?;
+    let (flow, params, dequantized) = build(&config, &data)?;
+    params.restore(&tensors).with_context(|| {
+        format!(
+            "the checkpoint in {} does not fit its config",
+            dir.display()
+        )
+    })?;
+    flow.set_training(false);
+    Ok(LoadedRun {
+        config,
+        data,
+        flow,
+        params,
+        dequantized,
+    })
+}
+
+/// Values of exp(log p) on a `res × res` grid over `win`, rows from top to bottom, the
+/// density averaged over `ensemble` mask sets.
+pub fn density_grid(
+    flow: &Flow,
+    win: [(f64, f64); 2],
+    res: usize,
+    ensemble: usize,
+) -> Result<Vec<f32>> {
     let mut pts = Vec::with_capacity(res * res * 2);
     for r in 0..res {
         let y = win[1].1 - (r as f64 + 0.5) * (win[1].1 - win[1].0) / res as f64;
@@ -139,15 +194,17 @@ pub fn density_grid(flow: &Flow, win: [(f64, f64); 2], res: usize) -> Result<Vec
         }
     }
     flow.set_training(false);
-    let lp = flow.log_prob(&to_tensor(&pts, 2)?)?.exp()?;
+    let lp = flow
+        .ensemble_log_prob(&to_tensor(&pts, 2)?, ensemble)?
+        .exp()?;
     Ok(lp.to_vec1::<f32>()?)
 }
 
-fn density_plot(flow: &Flow, data: &Splits, seed: u64, path: &Path) -> Result<()> {
+fn density_plot(flow: &Flow, data: &Splits, config: &Config, path: &Path) -> Result<()> {
     let win = plot::window(&data.test.values);
     let res = 150;
-    let density = density_grid(flow, win, res)?;
-    let z = latent_noise(5000, 2, 1.0, seed ^ 0x5a);
+    let density = density_grid(flow, win, res, config.model.ensemble)?;
+    let z = latent_noise(5000, 2, 1.0, config.train.seed ^ 0x5a);
     let samples = flow
         .decode(&to_tensor(&z, 2)?)?
         .flatten_all()?

@@ -136,9 +136,16 @@ pub fn to_tensor(values: &[f32], dim: usize) -> candle_core::Result<Tensor> {
     Tensor::from_slice(values, (values.len() / dim, dim), &Device::Cpu)
 }
 
-/// Mean NLL (nats per example) of `table` under `flow` in evaluation mode; integer
-/// columns get the fixed dequantisation noise of `noise_seed` when `dequantized` marks them.
-pub fn mean_nll(flow: &Flow, table: &Table, dequantized: &[f32], noise_seed: u64) -> Result<f64> {
+/// Mean NLL (nats per example) of `table` under `flow` in evaluation mode, averaging
+/// densities over mask sets `0..ensemble` (1: the exported flow alone); integer columns get
+/// the fixed dequantisation noise of `noise_seed` when `dequantized` marks them.
+pub fn mean_nll(
+    flow: &Flow,
+    table: &Table,
+    dequantized: &[f32],
+    noise_seed: u64,
+    ensemble: usize,
+) -> Result<f64> {
     flow.set_training(false);
     let mut values = table.values.clone();
     dequantize(
@@ -149,7 +156,7 @@ pub fn mean_nll(flow: &Flow, table: &Table, dequantized: &[f32], noise_seed: u64
     );
     let mut total = 0f64;
     for chunk in values.chunks(4096 * table.dim) {
-        let lp = flow.log_prob(&to_tensor(chunk, table.dim)?)?;
+        let lp = flow.ensemble_log_prob(&to_tensor(chunk, table.dim)?, ensemble)?;
         total += lp
             .sum_all()?
             .to_dtype(candle_core::DType::F64)?
@@ -227,6 +234,22 @@ fn save_checkpoint(
         }
     }
     Ok(())
+}
+
+/// The best parameters a run kept, from its latest checkpoint.
+pub fn best_tensors(out: &Path) -> Result<HashMap<String, Tensor>> {
+    let dir = checkpoint_dir(out);
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("no checkpoint in {}", out.display()))?;
+    let state: State = serde_json::from_str(&text)
+        .with_context(|| format!("{}: unreadable checkpoint state", state_path.display()))?;
+    let tensors = candle_core::safetensors::load(dir.join(&state.tensors), &Device::Cpu)
+        .with_context(|| format!("cannot read checkpoint {}", state.tensors))?;
+    Ok(tensors
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("best.").map(|k| (k.to_string(), v)))
+        .collect())
 }
 
 /// Whether `out` holds a checkpoint of a run that has not finished.
@@ -353,6 +376,7 @@ pub fn train(run: &Run) -> Result<Outcome> {
         noise.set_stream(step + 1);
         dequantize(&mut values, dim, run.dequantized, &mut noise);
         run.flow.set_training(true);
+        run.flow.select_masks(run.config.model.mask_set(step))?;
         let x = to_tensor(&values, dim)?;
         let loss = run.flow.log_prob(&x)?.mean_all()?.neg()?;
         let nll = loss.to_scalar::<f32>()? as f64;
@@ -412,7 +436,13 @@ pub fn train(run: &Run) -> Result<Outcome> {
             )?;
         }
         if done.is_multiple_of(cfg.eval_every) || done == cfg.steps {
-            let val = mean_nll(run.flow, &run.data.val, run.dequantized, val_seed)?;
+            let val = mean_nll(
+                run.flow,
+                &run.data.val,
+                run.dequantized,
+                val_seed,
+                run.config.model.ensemble,
+            )?;
             let improved = val < state.best_val_nll;
             if improved {
                 state.best_val_nll = val;
@@ -451,6 +481,7 @@ pub fn train(run: &Run) -> Result<Outcome> {
     }
     run.params.restore(&best)?;
     run.flow.set_training(false);
+    run.flow.select_masks(0)?;
     step_times.sort_by(f64::total_cmp);
     Ok(Outcome {
         median_step_seconds: step_times

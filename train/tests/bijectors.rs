@@ -179,7 +179,12 @@ fn batch_norm_ignores_non_finite_batches() {
 fn made(order: Vec<usize>, seed: u64) -> (Params, Made) {
     let p = Params::new(seed);
     let d = order.len();
-    let m = Made::new(&p, d, &[16, 16], Activation::Relu, order, 3.0, seed).unwrap();
+    let m = Made::new(&p, d, &[16, 16], Activation::Relu, order, 3.0, seed)
+        .unwrap()
+        .agnostic(Agnostic {
+            order: true,
+            connectivity: true,
+        });
     randomize(&p, 300 + seed, 0.5);
     (p, m)
 }
@@ -196,6 +201,9 @@ fn made_inverts_and_matches_its_sequential_onnx_graphs() {
     {
         let (_p, m) = made(order, k as u64);
         check_bijector(&m, 5, 50 + k as u64);
+        // A resampled mask set (another order, other hidden degrees) is a bijector too.
+        m.select_masks(7 + k as u64).unwrap();
+        check_bijector(&m, 5, 70 + k as u64);
     }
 }
 
@@ -210,9 +218,14 @@ fn made_is_autoregressive_in_its_order() {
     .into_iter()
     .enumerate()
     {
-        // Several seeds: hidden degrees are resampled each time (connectivity-agnostic).
-        for seed in 0..3u64 {
+        // Mask set 0 is the given order; sets 1.. resample the order and the hidden
+        // degrees (order- and connectivity-agnostic training), for two weight seeds.
+        let mut orders = std::collections::HashSet::new();
+        for (seed, set) in (0..2u64).flat_map(|s| (0..4u64).map(move |k| (s, k))) {
             let (_p, m) = made(order.clone(), 10 * k as u64 + seed);
+            m.select_masks(set).unwrap();
+            let order = m.order();
+            orders.insert(order.clone());
             let pos: Vec<usize> = (0..6)
                 .map(|i| order.iter().position(|&o| o == i).unwrap())
                 .collect();
@@ -247,6 +260,7 @@ fn made_is_autoregressive_in_its_order() {
             }
             assert!(connected > 0, "some allowed connections are used");
         }
+        assert!(orders.len() >= 3, "mask sets draw new orders: {orders:?}");
     }
 }
 

@@ -52,4 +52,8 @@ impl<B: Bijector> Bijector for Inverse<B> {
     fn set_training(&self, training: bool) {
         self.0.set_training(training);
     }
+
+    fn select_masks(&self, k: u64) -> Result<()> {
+        self.0.select_masks(k)
+    }
 }

@@ -6,9 +6,17 @@
 //! αᵢ depend only on inputs earlier in the order. MAF's convention:
 //! encode (data → latent) `zᵢ = (xᵢ − μᵢ(x₍<ᵢ₎)) · exp(−αᵢ)` is one pass; decode is
 //! sequential, D passes, each fixing one more coordinate. α is bounded, α = c·tanh(h/c).
+//!
+//! Order- and connectivity-agnostic training (MADE §4.2): one set of weights, many mask
+//! sets. [`Made::select_masks`] switches to mask set k — a seeded input order and/or seeded
+//! hidden degrees — so the trainer can draw one per minibatch and the evaluator can average
+//! densities over several. Mask set 0 is the configured order: the one exported.
+
+use std::sync::RwLock;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use flowpack::Cost;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -20,10 +28,29 @@ use crate::params::Params;
 /// A masked autoregressive Gaussian bijector.
 pub struct Made {
     dim: usize,
-    layers: Vec<(Var, Var, Tensor)>,
+    hidden: Vec<usize>,
+    layers: Vec<(Var, Var)>,
     activation: Activation,
     clamp: f64,
+    base_order: Vec<usize>,
+    seed: u64,
+    agnostic: Agnostic,
+    masks: RwLock<Masks>,
+}
+
+/// Which parts of the connectivity [`Made::select_masks`] redraws for mask sets k ≥ 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Agnostic {
+    /// A seeded random input order per mask set.
+    pub order: bool,
+    /// Seeded random hidden degrees per mask set.
+    pub connectivity: bool,
+}
+
+/// The order and the per-layer masks in use.
+struct Masks {
     order: Vec<usize>,
+    layers: Vec<Tensor>,
 }
 
 /// Connectivity degrees: inputs from `order`, hidden layers drawn from `seed`.
@@ -63,6 +90,22 @@ fn mask(from: &[usize], to: &[usize], strict: bool) -> Result<Tensor> {
     Tensor::from_vec(data, (from.len(), to.len()), &Device::Cpu)
 }
 
+/// The masks of every layer (hidden layers, then the μ‖α output) for an order and the
+/// hidden degrees drawn from `seed`.
+fn masks(order: &[usize], hidden: &[usize], seed: u64) -> Result<Vec<Tensor>> {
+    let (input, hidden_deg) = degrees(order, hidden, seed);
+    let mut degs = vec![input.clone()];
+    degs.extend(hidden_deg);
+    let mut out = Vec::new();
+    for l in 0..hidden.len() {
+        out.push(mask(&degs[l], &degs[l + 1], false)?);
+    }
+    // Output: μ then α for each feature, seeing hidden units of strictly lower degree.
+    let out_deg: Vec<usize> = input.iter().chain(input.iter()).copied().collect();
+    out.push(mask(degs.last().expect("input degrees"), &out_deg, true)?);
+    Ok(out)
+}
+
 impl Made {
     /// A MADE over `dim` features with the given hidden widths; `order[k]` is the feature
     /// that comes k-th; hidden degrees are drawn from `seed`. The output layer starts at
@@ -83,54 +126,89 @@ impl Made {
         } {
             candle_core::bail!("the MADE order must be a permutation of 0..{dim}");
         }
-        let (input, hidden_deg) = degrees(&order, hidden, seed);
         let mut widths = vec![dim];
         widths.extend(hidden);
-        let mut degs = vec![input.clone()];
-        degs.extend(hidden_deg);
+        widths.push(2 * dim);
         let mut layers = Vec::new();
-        for l in 0..hidden.len() {
-            let m = mask(&degs[l], &degs[l + 1], false)?;
-            let bound = 1.0 / (widths[l] as f64).sqrt();
+        for l in 0..widths.len() - 1 {
             let lp = p.pp(format!("masked{l}"));
-            layers.push((
-                lp.uniform("weight", (widths[l], widths[l + 1]), bound)?,
-                lp.uniform("bias", widths[l + 1], bound)?,
-                m,
-            ));
+            let (i, o) = (widths[l], widths[l + 1]);
+            // The output layer starts at zero, so the bijector starts as the identity.
+            layers.push(if l + 2 < widths.len() {
+                let bound = 1.0 / (i as f64).sqrt();
+                (
+                    lp.uniform("weight", (i, o), bound)?,
+                    lp.uniform("bias", o, bound)?,
+                )
+            } else {
+                (lp.zeros("weight", (i, o))?, lp.zeros("bias", o)?)
+            });
         }
-        // Output: μ then α for each feature, seeing hidden units of strictly lower degree.
-        let last = degs.last().expect("input degrees");
-        let out_deg: Vec<usize> = input.iter().chain(input.iter()).copied().collect();
-        let m = mask(last, &out_deg, true)?;
-        let lp = p.pp(format!("masked{}", hidden.len()));
-        layers.push((
-            lp.zeros("weight", (last.len(), 2 * dim))?,
-            lp.zeros("bias", 2 * dim)?,
-            m,
-        ));
+        let masks = RwLock::new(Masks {
+            layers: masks(&order, hidden, seed)?,
+            order: order.clone(),
+        });
         Ok(Made {
             dim,
+            hidden: hidden.to_vec(),
             layers,
             activation,
             clamp,
-            order,
+            base_order: order,
+            seed,
+            agnostic: Agnostic::default(),
+            masks,
         })
     }
 
-    /// The feature order.
-    pub fn order(&self) -> &[usize] {
-        &self.order
+    /// Makes mask sets k ≥ 1 redraw the order and/or the hidden degrees.
+    pub fn agnostic(mut self, agnostic: Agnostic) -> Self {
+        self.agnostic = agnostic;
+        self
+    }
+
+    /// Switches to mask set `k`: 0 is the configured order and degrees; k ≥ 1 draws what
+    /// [`Made::agnostic`] allows from (seed, k), the same set for the same k every time.
+    pub fn select_masks(&self, k: u64) -> Result<()> {
+        let mix = self.seed ^ k.wrapping_mul(0xd1b5_4a32_d192_ed03);
+        let mut order = self.base_order.clone();
+        if k > 0 && self.agnostic.order {
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix));
+        }
+        let degree_seed = if k > 0 && self.agnostic.connectivity {
+            mix.rotate_left(17)
+        } else {
+            self.seed
+        };
+        let layers = masks(&order, &self.hidden, degree_seed)?;
+        let mut m = self.masks.write().expect("mask lock");
+        m.order = order;
+        m.layers = layers;
+        Ok(())
+    }
+
+    /// The feature order of the mask set in use.
+    pub fn order(&self) -> Vec<usize> {
+        self.masks.read().expect("mask lock").order.clone()
+    }
+
+    /// The weights with the masks in use applied.
+    fn masked_weights(&self) -> Result<Vec<(Tensor, Tensor)>> {
+        let m = self.masks.read().expect("mask lock");
+        self.layers
+            .iter()
+            .zip(&m.layers)
+            .map(|((w, b), m)| Ok((w.as_tensor().mul(m)?, b.as_tensor().clone())))
+            .collect()
     }
 
     /// `(μ, α)` for rows `x`: each depends only on the features before it in the order.
     pub fn conditionals(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let weights = self.masked_weights()?;
         let mut h = x.clone();
-        for (i, (w, b, m)) in self.layers.iter().enumerate() {
-            h = h
-                .matmul(&w.as_tensor().mul(m)?)?
-                .broadcast_add(b.as_tensor())?;
-            if i + 1 < self.layers.len() {
+        for (i, (w, b)) in weights.iter().enumerate() {
+            h = h.matmul(w)?.broadcast_add(b)?;
+            if i + 1 < weights.len() {
                 h = self.activation.apply(&h)?;
             }
         }
@@ -141,14 +219,9 @@ impl Made {
 
     /// The masked weights as graph constants, emitted once and shared by every pass.
     fn emit_weights(&self, g: &mut Graph) -> Result<Vec<(Value, Value)>> {
-        self.layers
+        self.masked_weights()?
             .iter()
-            .map(|(w, b, m)| {
-                Ok((
-                    g.tensor("masked_weight", &w.as_tensor().mul(m)?)?,
-                    g.tensor("bias", b.as_tensor())?,
-                ))
-            })
+            .map(|(w, b)| Ok((g.tensor("masked_weight", w)?, g.tensor("bias", b)?)))
             .collect()
     }
 
@@ -182,6 +255,10 @@ impl Bijector for Made {
 
     fn decode_cost(&self) -> Cost {
         Cost::Sequential
+    }
+
+    fn select_masks(&self, k: u64) -> Result<()> {
+        Made::select_masks(self, k)
     }
 
     fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -25,7 +25,7 @@ pub use affine_coupling::AffineCoupling;
 pub use batch_norm::BatchNorm;
 pub use diagonal_scaling::DiagonalScaling;
 pub use inverse::Inverse;
-pub use made::{degrees, Made};
+pub use made::{degrees, Agnostic, Made};
 pub use permutation::Permutation;
 pub use split::{Mask, Split};
 
@@ -60,6 +60,11 @@ pub trait Bijector {
     }
     /// Switches between training (batch statistics) and evaluation behaviour.
     fn set_training(&self, _training: bool) {}
+    /// Uses mask set `k` (order-/connectivity-agnostic MADE); 0 is the exported one.
+    /// Bijectors without masks ignore it.
+    fn select_masks(&self, _k: u64) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// `[N]` filled with `value`, for bijectors whose log-det does not depend on the input.

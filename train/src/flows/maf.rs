@@ -8,7 +8,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::bijectors::{Bijector, Inverse, Made};
+use crate::bijectors::{Agnostic, Bijector, Inverse, Made};
 use crate::config::{Family, ModelConfig, PermutationKind};
 use crate::params::Params;
 
@@ -40,7 +40,11 @@ pub(super) fn build(
             order,
             cfg.scale_clamp,
             seed,
-        )?;
+        )?
+        .agnostic(Agnostic {
+            order: cfg.order_agnostic,
+            connectivity: cfg.connectivity_agnostic,
+        });
         if cfg.family == Family::Iaf {
             layers.push(Box::new(Inverse(made)));
         } else {

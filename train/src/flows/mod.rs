@@ -114,6 +114,27 @@ impl Flow {
         base_log_prob(&z)? + ld
     }
 
+    /// Uses mask set `k` in every masked layer (0: the exported one).
+    pub fn select_masks(&self, k: u64) -> Result<()> {
+        self.layers.iter().try_for_each(|l| l.select_masks(k))
+    }
+
+    /// log p(x) per row averaged over mask sets `0..ensemble` as densities:
+    /// `log (1/K) Σₖ pₖ(x)`, by log-sum-exp. Leaves mask set 0 selected.
+    pub fn ensemble_log_prob(&self, x: &Tensor, ensemble: usize) -> Result<Tensor> {
+        if ensemble <= 1 {
+            self.select_masks(0)?;
+            return self.log_prob(x);
+        }
+        let mut each = Vec::with_capacity(ensemble);
+        for k in 0..ensemble as u64 {
+            self.select_masks(k)?;
+            each.push(self.log_prob(x)?);
+        }
+        self.select_masks(0)?;
+        Tensor::stack(&each, 0)?.log_sum_exp(0)? - (ensemble as f64).ln()
+    }
+
     /// latent → data.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         let mut x = z.clone();
