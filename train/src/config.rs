@@ -159,6 +159,11 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Seed for initialisation, splits, batches and noise.
     pub seed: u64,
+    /// A trained run folder (MAF, RealNVP…) to distil into this flow: minimise the reverse
+    /// KL(this ‖ teacher) on this flow's own samples instead of the NLL of data.
+    pub teacher: Option<String>,
+    /// Base draws per distillation validation pass (reverse-KL estimate).
+    pub distill_val_samples: usize,
 }
 
 impl Default for TrainConfig {
@@ -176,6 +181,8 @@ impl Default for TrainConfig {
             checkpoint_every: 500,
             log_every: 25,
             seed: 0,
+            teacher: None,
+            distill_val_samples: 4096,
         }
     }
 }

@@ -27,6 +27,8 @@ pub struct Summary {
     pub parameters: usize,
     /// Test NLL of the density averaged over `model.ensemble` mask sets, when above 1.
     pub ensemble_test_nll: Option<f64>,
+    /// The best validation reverse KL(flow ‖ teacher) of a distilled flow, in nats.
+    pub reverse_kl: Option<f64>,
 }
 
 /// A flow built for `config` over `data`, with its parameter store and dequantised columns.
@@ -53,6 +55,18 @@ pub fn train_and_export(
     config.validate()?;
     let data = data::load(&config.data, config.train.seed)?;
     let (flow, params, deq) = build(config, &data)?;
+    let teacher = match &config.train.teacher {
+        Some(dir) => {
+            let t = load_run(Path::new(dir)).context("cannot load the teacher")?;
+            anyhow::ensure!(
+                t.config.data == config.data,
+                "the teacher in {dir} was trained on other data ({}); distil on the same data settings",
+                t.config.data.dataset
+            );
+            Some(t)
+        }
+        None => None,
+    };
     if fresh {
         let _ = std::fs::remove_dir_all(out.join("checkpoint"));
         let _ = std::fs::remove_file(out.join("metrics.jsonl"));
@@ -67,8 +81,17 @@ pub fn train_and_export(
         dequantized: &deq,
         out,
         progress,
+        teacher: teacher.as_ref().map(|t| &t.flow),
     })?;
     let test_nll = mean_nll(&flow, &data.test, &deq, TEST_NOISE, 1)?;
+    // A distilled flow's validation objective was the reverse KL; report both.
+    let (validation_nll, reverse_kl) = match &teacher {
+        Some(_) => (
+            mean_nll(&flow, &data.val, &deq, config.train.seed ^ 0x7a1, 1)?,
+            Some(outcome.best_val_nll),
+        ),
+        None => (outcome.best_val_nll, None),
+    };
     let ensemble = config.model.ensemble;
     let ensemble_test_nll = if ensemble > 1 {
         Some(mean_nll(&flow, &data.test, &deq, TEST_NOISE, ensemble)?)
@@ -94,7 +117,7 @@ pub fn train_and_export(
             train: &data.train,
             calibration: &data.test,
             metrics: Metrics {
-                validation_nll: Some(outcome.best_val_nll),
+                validation_nll: Some(validation_nll),
                 test_nll: Some(test_nll),
                 test_bits_per_dim: bits,
             },
@@ -119,7 +142,9 @@ pub fn train_and_export(
         "stopped_early": outcome.stopped_early,
         "median_step_ms": outcome.median_step_seconds * 1e3,
         "train_seconds": outcome.train_seconds,
-        "validation_nll": outcome.best_val_nll,
+        "validation_nll": validation_nll,
+        "teacher": config.train.teacher,
+        "reverse_kl": reverse_kl,
         "test_nll": test_nll,
         "ensemble": ensemble,
         "ensemble_test_nll": ensemble_test_nll,
@@ -135,6 +160,7 @@ pub fn train_and_export(
         outcome,
         parameters: params.count(),
         ensemble_test_nll,
+        reverse_kl,
     })
 }
 

@@ -20,6 +20,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use flowpack::sampling::latent_noise;
+
 use crate::config::Config;
 use crate::data::{dequantize, Splits, Table};
 use crate::flows::Flow;
@@ -48,7 +50,7 @@ pub enum Record {
     Val {
         /// Steps done.
         step: u64,
-        /// Mean validation NLL.
+        /// Mean validation NLL, or the reverse KL (nats) when distilling.
         nll: f64,
         /// Whether it is the best so far.
         best: bool,
@@ -129,6 +131,9 @@ pub struct Run<'a> {
     pub out: &'a Path,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Distil this trained flow instead of fitting the data: the loss is the reverse
+    /// KL(flow ‖ teacher) on the flow's own samples, validated on fixed base draws.
+    pub teacher: Option<&'a Flow>,
 }
 
 /// Rows of a table as a `[N, D]` tensor.
@@ -163,6 +168,20 @@ pub fn mean_nll(
             .to_scalar::<f64>()?;
     }
     Ok(-total / table.rows() as f64)
+}
+
+/// Reverse KL(flow ‖ teacher) in nats, estimated on `n` fixed base draws of `seed`.
+pub fn reverse_kl(flow: &Flow, teacher: &Flow, n: usize, seed: u64) -> Result<f64> {
+    flow.set_training(false);
+    let dim = flow.dim;
+    let z = latent_noise(n, dim, 1.0, seed);
+    let mut total = 0f64;
+    for chunk in z.chunks(4096 * dim) {
+        let rows = chunk.len() / dim;
+        let kl = flow.reverse_kl(teacher, &to_tensor(chunk, dim)?)?;
+        total += kl.to_scalar::<f32>()? as f64 * rows as f64;
+    }
+    Ok(total / n as f64)
 }
 
 struct Batches {
@@ -370,15 +389,26 @@ pub fn train(run: &Run) -> Result<Outcome> {
     while state.step < cfg.steps && !state.finished {
         let started = Instant::now();
         let step = state.step;
-        let rows = batches.rows(step);
-        let mut values = run.data.train.select(&rows).values;
-        let mut noise = ChaCha8Rng::seed_from_u64(cfg.seed);
-        noise.set_stream(step + 1);
-        dequantize(&mut values, dim, run.dequantized, &mut noise);
-        run.flow.set_training(true);
         run.flow.select_masks(run.config.model.mask_set(step))?;
-        let x = to_tensor(&values, dim)?;
-        let loss = run.flow.log_prob(&x)?.mean_all()?.neg()?;
+        let loss = match run.teacher {
+            None => {
+                let rows = batches.rows(step);
+                let mut values = run.data.train.select(&rows).values;
+                let mut noise = ChaCha8Rng::seed_from_u64(cfg.seed);
+                noise.set_stream(step + 1);
+                dequantize(&mut values, dim, run.dequantized, &mut noise);
+                run.flow.set_training(true);
+                let x = to_tensor(&values, dim)?;
+                run.flow.log_prob(&x)?.mean_all()?.neg()?
+            }
+            Some(teacher) => {
+                // Batch norm stays a learned affine map: there are no data batches here.
+                run.flow.set_training(false);
+                let seed = cfg.seed ^ (step + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let z = latent_noise(batches.size, dim, 1.0, seed);
+                run.flow.reverse_kl(teacher, &to_tensor(&z, dim)?)?
+            }
+        };
         let nll = loss.to_scalar::<f32>()? as f64;
         let grads = loss.backward()?;
         let grad_norm = adam.grad_norm(&grads)?;
@@ -436,13 +466,16 @@ pub fn train(run: &Run) -> Result<Outcome> {
             )?;
         }
         if done.is_multiple_of(cfg.eval_every) || done == cfg.steps {
-            let val = mean_nll(
-                run.flow,
-                &run.data.val,
-                run.dequantized,
-                val_seed,
-                run.config.model.ensemble,
-            )?;
+            let val = match run.teacher {
+                None => mean_nll(
+                    run.flow,
+                    &run.data.val,
+                    run.dequantized,
+                    val_seed,
+                    run.config.model.ensemble,
+                )?,
+                Some(teacher) => reverse_kl(run.flow, teacher, cfg.distill_val_samples, val_seed)?,
+            };
             let improved = val < state.best_val_nll;
             if improved {
                 state.best_val_nll = val;

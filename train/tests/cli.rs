@@ -185,6 +185,23 @@ fn bad_input_ends_in_one_line_errors() {
         .output()
         .unwrap();
     assert_one_line_error(res, "layerz");
+
+    let res = flowtrain()
+        .args(["train", "--family", "iaf", "--data", "moons", "--teacher"])
+        .arg(tmp.path().join("no_teacher"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_one_line_error(res, "cannot load the teacher");
+
+    let res = flowtrain()
+        .args(["train", "--family", "realnvp", "--data", "moons"])
+        .args(["--order-agnostic", "true", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_one_line_error(res, "made, maf and iaf only");
 }
 
 #[test]

@@ -208,6 +208,7 @@ fn non_finite_steps_are_skipped_logged_and_slow_the_learning_rate() {
         dequantized: &deq,
         out: tmp.path(),
         progress: false,
+        teacher: None,
     };
     let e = train(&run).unwrap_err().to_string();
     assert!(e.contains("20 consecutive steps"), "{e}");

@@ -35,6 +35,11 @@ impl<B: Bijector> Bijector for Inverse<B> {
         Ok(self.0.encode(z)?.0)
     }
 
+    /// One pass of the inner encode: the sample and its log-det together.
+    fn decode_with_log_det(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.0.encode(z)
+    }
+
     fn emit_encode(&self, g: &mut Graph, x: &Value) -> Result<(Value, LogDet)> {
         let z = self.0.emit_decode(g, x)?;
         let (_, ld) = self.0.emit_encode(g, &z)?;

@@ -46,6 +46,14 @@ pub trait Bijector {
     fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)>;
     /// latent → data.
     fn decode(&self, z: &Tensor) -> Result<Tensor>;
+    /// latent → data with log|det ∂x/∂z| per row: the sampling path of density
+    /// distillation. By default one decode and one encode; bijectors whose inverse gives the
+    /// log-det for free (IAF) override it.
+    fn decode_with_log_det(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        let x = self.decode(z)?;
+        let (_, ld) = self.encode(&x)?;
+        Ok((x, ld.neg()?))
+    }
     /// [`Bijector::encode`] as ONNX nodes (evaluation mode).
     fn emit_encode(&self, g: &mut Graph, x: &Value) -> Result<(Value, LogDet)>;
     /// [`Bijector::decode`] as ONNX nodes (evaluation mode).

@@ -114,6 +114,27 @@ impl Flow {
         base_log_prob(&z)? + ld
     }
 
+    /// latent → data with log q(x) of each sample: `log N(z) − Σ log|det ∂x/∂z|`. One pass
+    /// for IAF, which is what makes density distillation fast.
+    pub fn sample_with_log_prob(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut x = z.clone();
+        let mut lp = base_log_prob(z)?;
+        for l in self.layers.iter().rev() {
+            let (next, ld) = l.decode_with_log_det(&x)?;
+            x = next;
+            lp = (lp - ld)?;
+        }
+        Ok((x, lp))
+    }
+
+    /// Monte-Carlo reverse KL(self ‖ teacher) in nats: the mean of `log q(x) − log p(x)`
+    /// over samples `x` of this flow decoded from the base draws `z`. Differentiable in this
+    /// flow's parameters (the reparameterisation trick).
+    pub fn reverse_kl(&self, teacher: &Flow, z: &Tensor) -> Result<Tensor> {
+        let (x, log_q) = self.sample_with_log_prob(z)?;
+        (log_q - teacher.log_prob(&x)?)?.mean_all()
+    }
+
     /// Uses mask set `k` in every masked layer (0: the exported one).
     pub fn select_masks(&self, k: u64) -> Result<()> {
         self.layers.iter().try_for_each(|l| l.select_masks(k))
