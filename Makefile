@@ -50,6 +50,8 @@ bench: ort
 	$(CARGO) build --release -p flowtrain -p flowserve
 	scripts/bench-train.sh $(FLOWTRAIN) BENCHMARKS.md
 	$(CARGO) bench --bench serve -- --seconds 5 --rounds 3 --out BENCHMARKS.md
+	scripts/bench-cost.sh $(FLOWTRAIN) runs/cost
+	$(CARGO) bench --bench cost -- --models runs/cost/models --seconds 3 --rounds 3 --out BENCHMARKS.md
 
 clean:
 	$(CARGO) clean

@@ -7,120 +7,19 @@
 //! single-row JSON and answers without inference, at 64 connections.
 //! Usage: cargo bench --bench serve -- [--seconds S] [--rounds R] [--out BENCHMARKS.md]
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::*;
 use serde_json::json;
 
 const MODEL: &str = "wine";
 const ROW: [f32; 11] = [
     7.4, 0.7, 0.0, 1.9, 0.076, 11.0, 34.0, 0.9978, 3.51, 0.56, 9.4,
 ];
-
-struct Load {
-    rows_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: usize,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_ready(url: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(60) {
-        let ok = rt.block_on(async {
-            reqwest::get(url)
-                .await
-                .map(|r| r.status().is_success())
-                .unwrap_or(false)
-        });
-        if ok {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{url} never became ready");
-}
-
-/// A closed-loop load: `conns` clients each sending `body` back to back for `secs`.
-fn load(url: &str, body: &serde_json::Value, rows: usize, conns: usize, secs: f64) -> Load {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(conns)
-            .build()
-            .unwrap();
-        let bytes = serde_json::to_vec(body).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut tasks = Vec::new();
-        // Warm the connections, then measure.
-        for _ in 0..conns {
-            let (client, url, bytes, stop) =
-                (client.clone(), url.to_string(), bytes.clone(), stop.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut errors = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    let r = client
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(bytes.clone())
-                        .send()
-                        .await;
-                    match r {
-                        Ok(r) if r.status().is_success() => {
-                            let _ = r.bytes().await;
-                            lat.push(t.elapsed().as_secs_f64());
-                        }
-                        _ => errors += 1,
-                    }
-                }
-                (lat, errors)
-            }));
-        }
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        stop.store(true, Ordering::Relaxed);
-        let mut lat = Vec::new();
-        let mut errors = 0;
-        for t in tasks {
-            let (l, e) = t.await.unwrap();
-            lat.extend(l);
-            errors += e;
-        }
-        lat.sort_by(f64::total_cmp);
-        let q = |p: f64| {
-            lat.get(((lat.len() as f64 - 1.0) * p) as usize)
-                .copied()
-                .unwrap_or(f64::NAN)
-                * 1e3
-        };
-        Load {
-            rows_per_s: (lat.len() * rows) as f64 / secs,
-            p50_ms: q(0.5),
-            p99_ms: q(0.99),
-            errors,
-        }
-    })
-}
 
 /// The bare axum floor: parse the request, answer a constant.
 fn floor_server(port: u16) {
@@ -150,21 +49,6 @@ fn floor_server(port: u16) {
     });
 }
 
-fn spawn(cmd: &mut Command) -> Child {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn ceiling(dir: &Path, secs: f64) -> f64 {
     let p = flowpack::Package::open(dir).unwrap();
     let bytes = std::fs::read(p.path(&p.manifest.graphs.encode.file)).unwrap();
@@ -177,11 +61,6 @@ fn ceiling(dir: &Path, secs: f64) -> f64 {
         n += 1024;
     }
     n as f64 / start.elapsed().as_secs_f64()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {
@@ -208,17 +87,8 @@ fn main() {
     let models = root.join("models");
 
     let start_server = |extra: &[&str]| {
-        let port = free_port();
-        let g = Guard(spawn(
-            Command::new(&server_bin)
-                .arg("--models")
-                .arg(&models)
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                .args(extra)
-                .env("RUST_LOG", "error"),
-        ));
-        wait_ready(&format!("http://127.0.0.1:{port}/readyz"));
-        (g, format!("http://127.0.0.1:{port}/log_prob"))
+        let (g, base) = common::start_server(&server_bin, &models, extra);
+        (g, format!("{base}/log_prob"))
     };
     let one = json!({"model": MODEL, "inputs": [ROW]});
     let big = json!({"model": MODEL, "inputs": vec![ROW; 1024]});
@@ -303,14 +173,7 @@ fn main() {
         ));
     }
     let ratio = |a: usize, b: usize| med[a].0 / med[b].0;
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let cpu = cpu_name();
     let section = format!(
         "## Serving: flowserve under load (bundled `{MODEL}` model, D = 11)\n\n\
 Measured with `make bench` (`cargo bench --bench serve -- --seconds {secs} --rounds {rounds}`) on {} cores ({cpu}); \
@@ -330,19 +193,5 @@ reach at most (d) / (a1) = **{:.1}×** here, even with zero server overhead.\n",
         ratio(4, 1),
     );
     println!("{section}");
-    let text = std::fs::read_to_string(&out).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-    let text = match text.find("## Serving:") {
-        Some(start) => {
-            let end = text[start + 1..].find("\n## ").map(|e| start + 1 + e + 1);
-            format!(
-                "{}{}{}",
-                &text[..start],
-                section,
-                end.map(|e| &text[e..]).unwrap_or("")
-            )
-        }
-        None => format!("{}\n\n{}", text.trim_end(), section),
-    };
-    std::fs::write(&out, text).unwrap();
-    eprintln!("wrote {}", out.display());
+    write_section(&out, "## Serving:", &section);
 }

@@ -14,6 +14,37 @@ pub enum Columns<'a> {
     Select(&'a [String]),
 }
 
+impl Columns<'_> {
+    /// The indices of `headers` to keep, in order; `source` names the table in errors.
+    pub fn keep(&self, headers: &[String], source: &str) -> Result<Vec<usize>> {
+        let (names, what) = match self {
+            Columns::Drop(n) => (n, "--drop-columns names"),
+            Columns::Select(n) => (n, "the model needs column"),
+        };
+        for d in names.iter() {
+            if !headers.contains(d) {
+                bail!(
+                    "{source}: {what} {d:?}, which is not a column (columns: {})",
+                    headers.join(", ")
+                );
+            }
+        }
+        let keep: Vec<usize> = match self {
+            Columns::Drop(drop) => (0..headers.len())
+                .filter(|&i| !drop.contains(&headers[i]))
+                .collect(),
+            Columns::Select(sel) => sel
+                .iter()
+                .map(|n| headers.iter().position(|h| h == n).expect("checked"))
+                .collect(),
+        };
+        if keep.is_empty() {
+            bail!("{source}: no columns left to model");
+        }
+        Ok(keep)
+    }
+}
+
 /// Reads a CSV file with a header row; every kept cell must be a finite number.
 pub fn read_csv(path: &Path, columns: Columns) -> Result<Table> {
     let mut reader = csv::ReaderBuilder::new()
@@ -27,31 +58,7 @@ pub fn read_csv(path: &Path, columns: Columns) -> Result<Table> {
         .iter()
         .map(str::to_string)
         .collect();
-    let (names, what) = match columns {
-        Columns::Drop(n) => (n, "--drop-columns names"),
-        Columns::Select(n) => (n, "the model needs column"),
-    };
-    for d in names {
-        if !headers.contains(d) {
-            bail!(
-                "{}: {what} {d:?}, which is not a column (columns: {})",
-                path.display(),
-                headers.join(", ")
-            );
-        }
-    }
-    let keep: Vec<usize> = match columns {
-        Columns::Drop(drop) => (0..headers.len())
-            .filter(|&i| !drop.contains(&headers[i]))
-            .collect(),
-        Columns::Select(sel) => sel
-            .iter()
-            .map(|n| headers.iter().position(|h| h == n).expect("checked"))
-            .collect(),
-    };
-    if keep.is_empty() {
-        bail!("{}: no columns left to model", path.display());
-    }
+    let keep = columns.keep(&headers, &path.display().to_string())?;
     let mut values = Vec::new();
     for (r, record) in reader.records().enumerate() {
         let line = r + 2;

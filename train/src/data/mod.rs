@@ -121,7 +121,18 @@ pub struct Splits {
 /// Reads a whole table: a built-in name or a `.csv`/`.npy` path.
 pub fn read_table(dataset: &str, columns: Columns) -> Result<Table> {
     if let Some(t) = builtin::load(dataset)? {
-        return Ok(t);
+        let keep = columns.keep(&t.names, dataset)?;
+        if keep.len() == t.dim {
+            return Ok(t);
+        }
+        let names = keep.iter().map(|&c| t.names[c].clone()).collect();
+        let values = (0..t.rows())
+            .flat_map(|r| {
+                let row = t.row(r);
+                keep.iter().map(move |&c| row[c])
+            })
+            .collect();
+        return Table::new(names, values);
     }
     let path = Path::new(dataset);
     match path.extension().and_then(|e| e.to_str()) {

@@ -113,14 +113,14 @@ impl Graph {
         self.outputs.push(value_info(&out, FLOAT, &batched(event)));
     }
 
-    /// A float32 initializer.
+    /// A float32 initializer; equal constants are stored once.
     pub fn constant(&mut self, hint: &str, data: &[f32], dims: &[usize]) -> Value {
         let key = (
             dims.iter().map(|&d| d as i64).collect::<Vec<_>>(),
             data.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
         );
-        let small = data.len() <= 16;
-        if let Some(v) = self.consts.get(&key).filter(|_| small) {
+        // Equal constants are stored once (a weight emitted by two passes, IAF's inverse).
+        if let Some(v) = self.consts.get(&key) {
             return v.clone();
         }
         let name = self.fresh(hint);
@@ -133,9 +133,7 @@ impl Graph {
             ..Default::default()
         });
         let v = Value(name);
-        if small {
-            self.consts.insert(key, v.clone());
-        }
+        self.consts.insert(key, v.clone());
         v
     }
 
