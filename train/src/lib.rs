@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod export;
 pub mod flows;
+pub mod linalg;
 pub mod nn;
 pub mod onnx;
 pub mod optim;

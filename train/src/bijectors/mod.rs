@@ -9,25 +9,31 @@ use flowpack::Cost;
 
 use crate::onnx::{Graph, Value};
 
+mod actnorm;
 mod additive_coupling;
 mod affine;
 mod affine_coupling;
 mod batch_norm;
 mod diagonal_scaling;
+mod invconv;
 mod inverse;
 mod made;
 mod permutation;
 mod split;
+mod squeeze;
 
+pub use actnorm::ActNorm;
 pub use additive_coupling::AdditiveCoupling;
 pub use affine::ElementwiseAffine;
 pub use affine_coupling::AffineCoupling;
 pub use batch_norm::BatchNorm;
 pub use diagonal_scaling::DiagonalScaling;
+pub use invconv::InvConv1x1;
 pub use inverse::Inverse;
 pub use made::{degrees, Agnostic, Made};
 pub use permutation::Permutation;
 pub use split::{Mask, Split};
+pub use squeeze::Squeeze;
 
 /// A bijector's log|det ∂z/∂x| in an ONNX graph: a constant (folded by the flow) or one
 /// value per row.

@@ -275,6 +275,28 @@ impl Graph {
         let a = self.constant_i64("axes", &[axis], &[1]);
         self.op("Slice", &[x, &s, &e, &a], vec![])
     }
+    /// `x` reshaped to `dims` (`-1` for the batch axis).
+    pub fn reshape(&mut self, x: &Value, dims: &[i64]) -> Value {
+        let shape = self.constant_i64("shape", dims, &[dims.len()]);
+        self.op("Reshape", &[x, &shape], vec![])
+    }
+    /// Axes of `x` permuted by `perm`.
+    pub fn transpose(&mut self, x: &Value, perm: &[usize]) -> Value {
+        let perm = perm.iter().map(|&p| p as i64).collect();
+        self.op("Transpose", &[x], vec![("perm", Attr::Ints(perm))])
+    }
+    /// A 2-D convolution of `[N, C, H, W]` with weight `[O, C, k, k]`, stride 1, `pad` zero
+    /// padding on every side, and an optional bias `[O]`.
+    pub fn conv(&mut self, x: &Value, w: &Value, b: Option<&Value>, pad: usize) -> Value {
+        let p = pad as i64;
+        let mut inputs = vec![x, w];
+        inputs.extend(b);
+        self.op(
+            "Conv",
+            &inputs,
+            vec![("pads", Attr::Ints(vec![p, p, p, p]))],
+        )
+    }
     /// Sum over all axes but the first: `[N, ...] → [N]`.
     pub fn sum_per_row(&mut self, x: &Value) -> Value {
         let flat = self.op("Flatten", &[x], vec![("axis", Attr::Int(1))]);

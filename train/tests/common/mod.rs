@@ -17,7 +17,15 @@ pub fn random_rows(n: usize, d: usize, seed: u64) -> Vec<f32> {
 }
 
 pub fn tensor(v: &[f32], d: usize) -> Tensor {
-    Tensor::from_slice(v, (v.len() / d, d), &Device::Cpu).unwrap()
+    tensor_shaped(v, &[d])
+}
+
+/// Rows of events shaped `event`: `[N, ...event]`.
+pub fn tensor_shaped(v: &[f32], event: &[usize]) -> Tensor {
+    let size: usize = event.iter().product();
+    let mut shape = vec![v.len() / size];
+    shape.extend_from_slice(event);
+    Tensor::from_slice(v, shape, &Device::Cpu).unwrap()
 }
 
 /// Moves every trainable parameter away from its (often identity) initial value.
@@ -50,10 +58,12 @@ pub fn assert_close(a: &[f32], b: &[f32], abs: f32, rel: f32, what: &str) {
 
 /// log|det J| per row, with J from candle's autodiff (one backward pass per output
 /// feature) and the determinant from an f64 LU decomposition.
-pub fn brute_force_log_det(b: &dyn Bijector, x: &[f32], d: usize) -> Vec<f64> {
+pub fn brute_force_log_det(b: &dyn Bijector, x: &[f32], event: &[usize]) -> Vec<f64> {
+    let d: usize = event.iter().product();
     let n = x.len() / d;
-    let xv = Var::from_tensor(&tensor(x, d)).unwrap();
+    let xv = Var::from_tensor(&tensor_shaped(x, event)).unwrap();
     let (z, _) = b.encode(xv.as_tensor()).unwrap();
+    let z = z.flatten_from(1).unwrap();
     let mut jac = vec![vec![vec![0f64; d]; d]; n]; // [row][out i][in j]
     #[allow(clippy::needless_range_loop)]
     for i in 0..d {
@@ -96,11 +106,22 @@ pub fn log_abs_det(mut m: Vec<Vec<f64>>) -> f64 {
 }
 
 /// Runs a bijector's emitted encode graph: `(z, log_det per row)`.
-pub fn onnx_encode(b: &dyn Bijector, x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+pub fn onnx_encode(b: &dyn Bijector, x: &[f32], event: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    onnx_encode_to(b, x, event, event)
+}
+
+/// [`onnx_encode`] for a bijector that changes the event shape (squeeze).
+pub fn onnx_encode_to(
+    b: &dyn Bijector,
+    x: &[f32],
+    event: &[usize],
+    out_event: &[usize],
+) -> (Vec<f32>, Vec<f32>) {
+    let d: usize = event.iter().product();
     let mut g = Graph::new();
-    let input = g.input("x", &[d]);
+    let input = g.input("x", event);
     let (z, ld) = b.emit_encode(&mut g, &input).unwrap();
-    g.output(&z, "z", &[d]);
+    g.output(&z, "z", out_event);
     let constant = match ld {
         LogDet::Const(c) => Some(c),
         LogDet::Rows(v) => {
@@ -111,15 +132,17 @@ pub fn onnx_encode(b: &dyn Bijector, x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>
     let bytes = g.finish("test", "").encode_to_vec();
     let mut s = runtime::session(&bytes).unwrap();
     let n = x.len() / d;
+    let mut shape = vec![n];
+    shape.extend_from_slice(event);
     match constant {
         Some(c) => {
-            let z = runtime::run(&mut s, "x", x, &[n, d], &["z"])
+            let z = runtime::run(&mut s, "x", x, &shape, &["z"])
                 .unwrap()
                 .remove(0);
             (z, vec![c as f32; n])
         }
         None => {
-            let mut out = runtime::run(&mut s, "x", x, &[n, d], &["z", "log_det"]).unwrap();
+            let mut out = runtime::run(&mut s, "x", x, &shape, &["z", "log_det"]).unwrap();
             let ld = out.pop().unwrap();
             (out.pop().unwrap(), ld)
         }
@@ -127,14 +150,27 @@ pub fn onnx_encode(b: &dyn Bijector, x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>
 }
 
 /// Runs a bijector's emitted decode graph.
-pub fn onnx_decode(b: &dyn Bijector, z: &[f32], d: usize) -> Vec<f32> {
+pub fn onnx_decode(b: &dyn Bijector, z: &[f32], event: &[usize]) -> Vec<f32> {
+    onnx_decode_from(b, z, event, event)
+}
+
+/// [`onnx_decode`] from latents shaped `z_event` to data shaped `event`.
+pub fn onnx_decode_from(
+    b: &dyn Bijector,
+    z: &[f32],
+    z_event: &[usize],
+    event: &[usize],
+) -> Vec<f32> {
     let mut g = Graph::new();
-    let input = g.input("z", &[d]);
+    let input = g.input("z", z_event);
     let x = b.emit_decode(&mut g, &input).unwrap();
-    g.output(&x, "x", &[d]);
+    g.output(&x, "x", event);
     let bytes = g.finish("test", "").encode_to_vec();
     let mut s = runtime::session(&bytes).unwrap();
-    runtime::run(&mut s, "z", z, &[z.len() / d, d], &["x"])
+    let d: usize = z_event.iter().product();
+    let mut shape = vec![z.len() / d];
+    shape.extend_from_slice(z_event);
+    runtime::run(&mut s, "z", z, &shape, &["x"])
         .unwrap()
         .remove(0)
 }
@@ -142,16 +178,23 @@ pub fn onnx_decode(b: &dyn Bijector, z: &[f32], d: usize) -> Vec<f32> {
 /// The four properties every bijector must have: invertibility, log-det against the
 /// brute-force Jacobian, and ONNX parity in both directions.
 pub fn check_bijector(b: &dyn Bijector, d: usize, seed: u64) {
+    check_bijector_shaped(b, &[d], &[d], seed);
+}
+
+/// [`check_bijector`] on events shaped `event` that encode to latents shaped `z_event`.
+pub fn check_bijector_shaped(b: &dyn Bijector, event: &[usize], z_event: &[usize], seed: u64) {
+    let d: usize = event.iter().product();
     b.set_training(false);
     let x = random_rows(64, d, seed);
-    let (z, ld) = b.encode(&tensor(&x, d)).unwrap();
+    let (z, ld) = b.encode(&tensor_shaped(&x, event)).unwrap();
+    assert_eq!(&z.dims()[1..], z_event, "{}: latent shape", b.name());
     let (z, ld) = (to_vec(&z), to_vec(&ld));
     assert!(
         z.iter().chain(&ld).all(|v| v.is_finite()),
         "{}: non-finite output",
         b.name()
     );
-    let back = to_vec(&b.decode(&tensor(&z, d)).unwrap());
+    let back = to_vec(&b.decode(&tensor_shaped(&z, z_event)).unwrap());
     assert_close(
         &back,
         &x,
@@ -161,7 +204,7 @@ pub fn check_bijector(b: &dyn Bijector, d: usize, seed: u64) {
     );
     assert_eq!(ld.len(), 64, "{}: one log-det per row", b.name());
 
-    let brute = brute_force_log_det(b, &x[..8 * d], d);
+    let brute = brute_force_log_det(b, &x[..8 * d], event);
     for (r, want) in brute.iter().enumerate() {
         assert!(
             (ld[r] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
@@ -171,7 +214,7 @@ pub fn check_bijector(b: &dyn Bijector, d: usize, seed: u64) {
         );
     }
 
-    let (oz, old) = onnx_encode(b, &x, d);
+    let (oz, old) = onnx_encode_to(b, &x, event, z_event);
     assert_close(&oz, &z, 1e-5, 1e-4, &format!("{}: ONNX encode z", b.name()));
     assert_close(
         &old,
@@ -181,8 +224,8 @@ pub fn check_bijector(b: &dyn Bijector, d: usize, seed: u64) {
         &format!("{}: ONNX encode log-det", b.name()),
     );
     let zs = random_rows(64, d, seed + 1);
-    let cx = to_vec(&b.decode(&tensor(&zs, d)).unwrap());
-    let ox = onnx_decode(b, &zs, d);
+    let cx = to_vec(&b.decode(&tensor_shaped(&zs, z_event)).unwrap());
+    let ox = onnx_decode_from(b, &zs, z_event, event);
     assert_close(&ox, &cx, 1e-5, 1e-4, &format!("{}: ONNX decode", b.name()));
 }
 
