@@ -108,3 +108,75 @@ impl Mlp {
         Ok(h)
     }
 }
+
+/// Glow's coupling network on images: a 3×3 convolution, a 1×1 convolution (both followed
+/// by the activation) and a 3×3 convolution, padded to keep the spatial size. With
+/// `zero_last` the last convolution starts at zero, so a coupling starts as the identity.
+pub struct ConvNet {
+    layers: Vec<(Var, Var, usize)>,
+    activation: Activation,
+}
+
+impl ConvNet {
+    /// `channels_in → hidden → hidden → channels_out`, weights uniform in ±1/√fan_in.
+    pub fn new(
+        p: &Params,
+        channels_in: usize,
+        hidden: usize,
+        channels_out: usize,
+        activation: Activation,
+        zero_last: bool,
+    ) -> Result<Self> {
+        let spec = [
+            (channels_in, hidden, 3),
+            (hidden, hidden, 1),
+            (hidden, channels_out, 3),
+        ];
+        let mut layers = Vec::new();
+        for (i, &(cin, cout, k)) in spec.iter().enumerate() {
+            let layer = p.pp(format!("conv{i}"));
+            let bound = 1.0 / ((cin * k * k) as f64).sqrt();
+            let (w, b) = if i == 2 && zero_last {
+                (
+                    layer.zeros("weight", (cout, cin, k, k))?,
+                    layer.zeros("bias", cout)?,
+                )
+            } else {
+                (
+                    layer.uniform("weight", (cout, cin, k, k), bound)?,
+                    layer.uniform("bias", cout, bound)?,
+                )
+            };
+            layers.push((w, b, k));
+        }
+        Ok(ConvNet { layers, activation })
+    }
+
+    /// The network applied to `x[N, C, H, W]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = x.clone();
+        for (i, (w, b, k)) in self.layers.iter().enumerate() {
+            h = h
+                .conv2d(w.as_tensor(), k / 2, 1, 1, 1)?
+                .broadcast_add(&b.as_tensor().reshape((1, (), 1, 1))?)?;
+            if i + 1 < self.layers.len() {
+                h = self.activation.apply(&h)?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// The same network as ONNX `Conv` nodes.
+    pub fn emit(&self, g: &mut Graph, x: &Value) -> Result<Value> {
+        let mut h = x.clone();
+        for (i, (w, b, k)) in self.layers.iter().enumerate() {
+            let w = g.tensor("conv_weight", w.as_tensor())?;
+            let b = g.tensor("conv_bias", b.as_tensor())?;
+            h = g.conv(&h, &w, Some(&b), k / 2);
+            if i + 1 < self.layers.len() {
+                h = self.activation.emit(g, &h);
+            }
+        }
+        Ok(h)
+    }
+}

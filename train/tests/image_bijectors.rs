@@ -209,3 +209,55 @@ fn linalg_inverse_and_lu_reconstruct() {
         assert!((x - y).abs() < 1e-9, "P·L·U = A");
     }
 }
+
+#[test]
+fn conv_coupling_all_masks_affine_and_additive() {
+    let mut k = 0;
+    for mask in [ImageMask::Checkerboard, ImageMask::Channel] {
+        for flip in [false, true] {
+            for additive in [false, true] {
+                k += 1;
+                let p = Params::new(k);
+                let c = ConvCoupling::new(
+                    &p,
+                    [2, 4, 4],
+                    mask,
+                    flip,
+                    8,
+                    flowtrain::nn::Activation::Relu,
+                    additive,
+                )
+                .unwrap();
+                randomize(&p, 100 + k, 0.3);
+                check_bijector_shaped(&c, &[2, 4, 4], &[2, 4, 4], 200 + k);
+            }
+        }
+    }
+}
+
+#[test]
+fn conv_coupling_keeps_its_mask_and_starts_as_a_fixed_map() {
+    let p = Params::new(3);
+    let c = ConvCoupling::new(
+        &p,
+        [2, 4, 4],
+        ImageMask::Checkerboard,
+        false,
+        8,
+        flowtrain::nn::Activation::Relu,
+        false,
+    )
+    .unwrap();
+    let x = random_rows(4, 32, 9);
+    let (z, ld) = c.encode(&tensor_shaped(&x, &[2, 4, 4])).unwrap();
+    let z = to_vec(&z);
+    let s = 1.0 / (1.0 + (-2.0f32).exp());
+    for (i, (zi, xi)) in z.iter().zip(&x).enumerate() {
+        let (y, xx) = ((i / 4) % 4, i % 4);
+        let want = if (y + xx) % 2 == 0 { *xi } else { xi * s };
+        assert!((zi - want).abs() < 1e-6, "element {i}: {zi} vs {want}");
+    }
+    // Half of the 32 elements scaled by sigmoid(2).
+    let want_ld = 16.0 * s.ln();
+    assert!(to_vec(&ld).iter().all(|v| (v - want_ld).abs() < 1e-5));
+}
