@@ -261,3 +261,60 @@ fn conv_coupling_keeps_its_mask_and_starts_as_a_fixed_map() {
     let want_ld = 16.0 * s.ln();
     assert!(to_vec(&ld).iter().all(|v| (v - want_ld).abs() < 1e-5));
 }
+
+#[test]
+fn logit_preprocessing() {
+    let lg = Logit::new(-0.5, 16.5, 0.05).unwrap();
+    // Pixel-like values inside [low, high].
+    let x: Vec<f32> = random_rows(64, 12, 5)
+        .into_iter()
+        .map(|v| (v + 2.0) * 4.0 - 0.4)
+        .collect();
+    let (z, ld) = lg.encode(&tensor(&x, 12)).unwrap();
+    let back = to_vec(&lg.decode(&z).unwrap());
+    assert_close(&back, &x, 1e-4, 1e-5, "logit decode(encode(x))");
+    let brute = brute_force_log_det(&lg, &x[..8 * 12], &[12]);
+    let ld = to_vec(&ld);
+    for (r, want) in brute.iter().enumerate() {
+        assert!(
+            (ld[r] as f64 - want).abs() < 1e-3 * (1.0 + want.abs()),
+            "row {r}"
+        );
+    }
+    let (oz, old) = onnx_encode(&lg, &x, &[12]);
+    assert_close(&oz, &to_vec(&z), 1e-4, 1e-4, "ONNX logit z");
+    assert_close(&old, &ld, 1e-3, 1e-4, "ONNX logit log-det");
+    let ox = onnx_decode(&lg, &oz, &[12]);
+    assert_close(&ox, &x, 1e-3, 1e-4, "ONNX logit decode");
+}
+
+#[test]
+fn factor_out_runs_deeper_levels_on_half_the_channels() {
+    let p = Params::new(21);
+    let inner: Vec<Box<dyn Bijector>> = vec![
+        Box::new(ActNorm::new(&p.pp("a"), 2, 4).unwrap()),
+        Box::new(InvConv1x1::new(&p.pp("b"), 2, 4, true, 3).unwrap()),
+        Box::new(
+            ConvCoupling::new(
+                &p.pp("c"),
+                [2, 2, 2],
+                ImageMask::Checkerboard,
+                false,
+                4,
+                flowtrain::nn::Activation::Relu,
+                false,
+            )
+            .unwrap(),
+        ),
+    ];
+    let f = FactorOut::new(2, 4, inner).unwrap();
+    randomize(&p, 22, 0.3);
+    check_bijector_shaped(&f, &[4, 2, 2], &[4, 2, 2], 23);
+    // The factored-out channels pass through untouched.
+    let x = random_rows(3, 16, 24);
+    let (z, _) = f.encode(&tensor_shaped(&x, &[4, 2, 2])).unwrap();
+    let z = to_vec(&z);
+    for n in 0..3 {
+        assert_eq!(&z[n * 16 + 8..n * 16 + 16], &x[n * 16 + 8..n * 16 + 16]);
+    }
+}
