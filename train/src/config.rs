@@ -19,6 +19,11 @@ pub enum Family {
     Maf,
     /// MAF's masked transform used inverted: one-pass sampling, sequential density (Kingma et al., 2016).
     Iaf,
+    /// Multi-scale actnorm → invertible 1×1 convolution → coupling on images (Kingma & Dhariwal, 2018).
+    Glow,
+    /// Multi-scale RealNVP on images: checkerboard then channel-mask couplings (Dinh et al., 2016).
+    #[value(name = "realnvp_image")]
+    RealnvpImage,
 }
 
 impl Family {
@@ -30,7 +35,14 @@ impl Family {
             Family::Made => "made",
             Family::Maf => "maf",
             Family::Iaf => "iaf",
+            Family::Glow => "glow",
+            Family::RealnvpImage => "realnvp_image",
         }
+    }
+
+    /// Whether the family works on `[C, H, W]` images.
+    pub fn is_image(self) -> bool {
+        matches!(self, Family::Glow | Family::RealnvpImage)
     }
 }
 
@@ -64,9 +76,10 @@ pub enum Dequantize {
 pub struct ModelConfig {
     /// Flow family.
     pub family: Family,
-    /// Number of coupling layers (NICE, RealNVP) or MADEs (MAF).
+    /// Number of coupling layers (NICE, RealNVP), MADEs (MAF), or steps per level (Glow:
+    /// actnorm → 1×1 conv → coupling; image RealNVP: couplings per mask type).
     pub layers: usize,
-    /// Units per hidden layer of each conditioner.
+    /// Units per hidden layer of each conditioner (channels of the image networks).
     pub hidden: usize,
     /// Hidden layers per conditioner.
     pub hidden_layers: usize,
@@ -92,6 +105,12 @@ pub struct ModelConfig {
     /// Evaluate (validation, `ensemble_test_nll`) as the average density over mask sets
     /// 0..ensemble, by log-sum-exp; 1 evaluates the exported mask set alone.
     pub ensemble: usize,
+    /// Image families: scales (squeeze, steps, factor out half the channels) — L in Glow.
+    pub levels: usize,
+    /// Image families: additive instead of affine coupling.
+    pub additive: bool,
+    /// Glow: the LU-parameterised 1×1 convolution (else the plain matrix).
+    pub lu: bool,
 }
 
 impl ModelConfig {
@@ -127,6 +146,9 @@ impl Default for ModelConfig {
             connectivity_agnostic: false,
             masks: 0,
             ensemble: 1,
+            levels: 2,
+            additive: false,
+            lu: true,
         }
     }
 }
@@ -255,6 +277,7 @@ impl Config {
             autoregressive || !m.mask_agnostic(),
             "model.order_agnostic and connectivity_agnostic apply to made, maf and iaf only"
         );
+        anyhow::ensure!(m.levels >= 1, "model.levels must be at least 1");
         anyhow::ensure!(m.ensemble >= 1, "model.ensemble must be at least 1");
         anyhow::ensure!(
             m.ensemble == 1 || m.mask_agnostic(),

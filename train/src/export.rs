@@ -68,7 +68,7 @@ fn write_graph(dir: &Path, file: &str, model: &flowpack::onnx::ModelProto) -> Re
 pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
     flow.set_training(false);
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let event = vec![flow.dim];
+    let event = flow.event.clone();
     let encode_sha = write_graph(dir, ENCODE_FILE, &flow.encode_graph(info.name)?)?;
     let decode_sha = write_graph(dir, DECODE_FILE, &flow.decode_graph(info.name)?)?;
 

@@ -83,6 +83,15 @@ struct TrainArgs {
     /// Permutations between couplings.
     #[arg(long, value_enum)]
     permutation: Option<PermutationKind>,
+    /// Image families: scales (squeeze, steps, factor out half the channels).
+    #[arg(long)]
+    levels: Option<usize>,
+    /// Image families: additive instead of affine coupling.
+    #[arg(long)]
+    additive: Option<bool>,
+    /// Glow: LU-parameterised 1×1 convolutions (false: the plain matrix).
+    #[arg(long)]
+    lu: Option<bool>,
     /// MADE/MAF/IAF: a new input order per minibatch.
     #[arg(long)]
     order_agnostic: Option<bool>,
@@ -175,6 +184,7 @@ fn config_for(a: &TrainArgs) -> Result<Config> {
         c.data.drop_columns => a.drop_columns, c.data.dequantize => a.dequantize,
         c.model.order_agnostic => a.order_agnostic, c.model.masks => a.masks,
         c.model.connectivity_agnostic => a.connectivity_agnostic, c.model.ensemble => a.ensemble,
+        c.model.levels => a.levels, c.model.additive => a.additive, c.model.lu => a.lu,
     );
     if let Some(t) = &a.teacher {
         c.train.teacher = Some(t.display().to_string());
@@ -215,8 +225,19 @@ fn train(a: TrainArgs) -> Result<()> {
         s.parameters
     );
     println!(
-        "data         {} ({} features)",
-        s.manifest.training.dataset, s.manifest.event_shape[0]
+        "data         {} ({})",
+        s.manifest.training.dataset,
+        match s.manifest.event_shape.as_slice() {
+            [d] => format!("{d} features"),
+            shape => format!(
+                "{} images",
+                shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join("×")
+            ),
+        }
     );
     println!(
         "steps        {} (best at {}{}), {:.1} steps/s (median step {:.2} ms)",

@@ -8,7 +8,7 @@ use flowpack::{Manifest, Metrics, Training};
 use crate::config::Config;
 use crate::data::{self, Splits};
 use crate::export::{export, ExportInfo};
-use crate::flows::Flow;
+use crate::flows::{Flow, Preprocess};
 use crate::params::Params;
 use crate::plot;
 use crate::train::{mean_nll, to_tensor, train, Outcome, Run};
@@ -34,12 +34,40 @@ pub struct Summary {
 /// A flow built for `config` over `data`, with its parameter store and dequantised columns.
 pub fn build(config: &Config, data: &Splits) -> Result<(Flow, Params, Vec<f32>)> {
     let deq = data::quantization_steps(&config.data, &data.train);
-    let standardize = config
-        .data
-        .standardize
-        .then(|| data::standardization(&data.train, &deq));
     let params = Params::new(config.train.seed);
-    let flow = Flow::build(&config.model, data.train.dim, standardize.as_ref(), &params)?;
+    let t = &data.train;
+    let flow = if config.model.family.is_image() {
+        let Some(shape) = data.image else {
+            anyhow::bail!(
+                "{} models images; {} is not an image dataset (digits, or keep all columns)",
+                config.model.family.as_str(),
+                data.source
+            );
+        };
+        // Dequantised pixels lie within half a step of the observed range.
+        let step = deq.iter().copied().fold(0f32, f32::max) as f64;
+        let (lo, hi) = t
+            .values
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v as f64), b.max(v as f64))
+            });
+        let pre = Preprocess::Logit {
+            low: lo - step / 2.0,
+            high: hi + step / 2.0,
+        };
+        Flow::build(&config.model, &shape, pre, &params)?
+    } else {
+        let standardize = config
+            .data
+            .standardize
+            .then(|| data::standardization(t, &deq));
+        let pre = match &standardize {
+            Some(s) => Preprocess::Standardize(s),
+            None => Preprocess::None,
+        };
+        Flow::build(&config.model, &[t.dim], pre, &params)?
+    };
     Ok((flow, params, deq))
 }
 

@@ -320,3 +320,42 @@ fn iaf_distilled_from_a_maf_teacher() {
     assert_eq!(count_ops(dir.path(), "decode.onnx", "MatMul"), 15);
     assert_eq!(count_ops(dir.path(), "encode.onnx", "MatMul"), 15 * 3);
 }
+
+/// A short image run on 8×8 digits ([1, 8, 8] events, logit pre-processing).
+fn image_config(family: Family) -> Config {
+    let mut c = config(family, "digits", false, 40);
+    c.model.layers = 2;
+    c.model.levels = 2;
+    c.model.hidden = 16;
+    c.train.batch_size = 64;
+    c.train.eval_every = 20;
+    c
+}
+
+#[test]
+fn glow_on_digits_trains_exports_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    for lu in [true, false] {
+        let mut c = image_config(Family::Glow);
+        c.model.lu = lu;
+        let _ = std::fs::remove_dir_all(dir.path());
+        train_export_compare(&c, dir.path());
+        let m = Package::open(dir.path()).unwrap().manifest;
+        assert_eq!(m.event_shape, vec![1, 8, 8]);
+        assert!(count_ops(dir.path(), "encode.onnx", "Conv") > 0);
+        let bpd = m.metrics.test_bits_per_dim.unwrap();
+        assert!(bpd < 4.5, "learned something in 40 steps: {bpd} bits/dim");
+    }
+}
+
+#[test]
+fn multiscale_realnvp_on_digits_trains_exports_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = image_config(Family::RealnvpImage);
+    c.model.additive = true;
+    train_export_compare(&c, dir.path());
+    assert_eq!(
+        Package::open(dir.path()).unwrap().manifest.family,
+        "realnvp_image"
+    );
+}

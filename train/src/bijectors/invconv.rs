@@ -166,7 +166,7 @@ impl InvConv1x1 {
     fn mix(&self, m: &Tensor, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let flat = x.reshape((dims[0], self.channels, ()))?;
-        m.broadcast_matmul(&flat)?.reshape(dims)
+        crate::nn::channel_matmul(m, &flat)?.reshape(dims)
     }
 
     fn emit_mix(&self, g: &mut Graph, hint: &str, m: &Tensor, x: &Value) -> Result<Value> {

@@ -116,6 +116,16 @@ pub struct Splits {
     pub val: Table,
     /// Test rows (reported metrics, calibration).
     pub test: Table,
+    /// `[C, H, W]` when the rows are images (row-major pixels), for the image families.
+    pub image: Option<[usize; 3]>,
+}
+
+/// The image shape of a built-in image dataset's rows (all its columns kept).
+pub fn image_shape(dataset: &str) -> Option<[usize; 3]> {
+    match dataset {
+        "digits" => Some([1, 8, 8]),
+        _ => None,
+    }
 }
 
 /// Reads a whole table: a built-in name or a `.csv`/`.npy` path.
@@ -168,6 +178,7 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
             train: draw(1, n)?,
             val: draw(2, n / 5)?,
             test: draw(3, n / 5)?,
+            image: None,
         });
     }
     let table = read_table(name, Columns::Drop(&cfg.drop_columns))?;
@@ -179,7 +190,9 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
     }
     let mut idx: Vec<usize> = (0..n).collect();
     idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5_9117));
+    let image = image_shape(name).filter(|_| cfg.drop_columns.is_empty());
     Ok(Splits {
+        image,
         source: name.to_string(),
         val: table.select(&idx[..n_val]),
         test: table.select(&idx[n_val..n_val + n_test]),

@@ -6,11 +6,12 @@ use candle_core::{Result, Tensor};
 use flowpack::onnx::ModelProto;
 use flowpack::Cost;
 
-use crate::bijectors::{BatchNorm, Bijector, ElementwiseAffine, LogDet};
+use crate::bijectors::{BatchNorm, Bijector, ElementwiseAffine, LogDet, Logit};
 use crate::config::{Family, ModelConfig};
 use crate::onnx::Graph;
 use crate::params::Params;
 
+mod image;
 mod maf;
 mod nice;
 mod realnvp;
@@ -18,12 +19,15 @@ mod realnvp;
 /// log(2π).
 const LN_2PI: f64 = 1.837_877_066_409_345_5;
 
-/// A normalizing flow over events of shape `[dim]`.
+/// A normalizing flow over events of shape `event` (`[D]` rows or `[C, H, W]` images). Its
+/// candle API takes and returns flat `[N, D]` rows; image layers see `[N, C, H, W]`.
 pub struct Flow {
     /// The family it was built as.
     pub family: Family,
-    /// Features per example.
+    /// Elements per example (the product of `event`).
     pub dim: usize,
+    /// The event shape of data and latents.
+    pub event: Vec<usize>,
     /// data → latent order; the first ones are preprocessing.
     pub layers: Vec<Box<dyn Bijector>>,
 }
@@ -37,33 +41,76 @@ pub struct Standardization {
     pub scale: Vec<f32>,
 }
 
+/// The first bijector of a flow: what makes raw data unit-scale and unbounded.
+pub enum Preprocess<'a> {
+    /// Nothing.
+    None,
+    /// Per-feature standardisation fitted on the training split.
+    Standardize(&'a Standardization),
+    /// Logit of pixel values rescaled from `[low, high]` (image families).
+    Logit {
+        /// The smallest possible (dequantised) value.
+        low: f64,
+        /// The largest possible (dequantised) value.
+        high: f64,
+    },
+}
+
+/// Boundary margin α of the logit pre-processing (RealNVP used 0.05 on CIFAR-10).
+pub const LOGIT_ALPHA: f64 = 0.05;
+
 impl Flow {
-    /// Builds the configured family over `dim` features, with `standardize` (if any) as
-    /// the first bijector so that the flow's input is raw data.
+    /// Builds the configured family over events shaped `event`, with `pre` as the first
+    /// bijector so that the flow's input is raw data.
     pub fn build(
         cfg: &ModelConfig,
-        dim: usize,
-        standardize: Option<&Standardization>,
+        event: &[usize],
+        pre: Preprocess,
         params: &Params,
     ) -> Result<Flow> {
+        let dim = event.iter().product();
         let mut layers: Vec<Box<dyn Bijector>> = Vec::new();
-        if let Some(s) = standardize {
-            layers.push(Box::new(ElementwiseAffine::new(
+        match pre {
+            Preprocess::None => {}
+            Preprocess::Standardize(s) => layers.push(Box::new(ElementwiseAffine::new(
                 &params.pp("standardize"),
                 &s.shift,
                 &s.scale,
-            )?));
+            )?)),
+            Preprocess::Logit { low, high } => {
+                layers.push(Box::new(Logit::new(low, high, LOGIT_ALPHA)?))
+            }
         }
         match cfg.family {
             Family::Nice => nice::build(cfg, dim, params, &mut layers)?,
             Family::Realnvp => realnvp::build(cfg, dim, params, &mut layers)?,
             Family::Made | Family::Maf | Family::Iaf => maf::build(cfg, dim, params, &mut layers)?,
+            Family::Glow | Family::RealnvpImage => {
+                let shape: [usize; 3] = event.try_into().map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "{} needs image data ([C, H, W] events: digits, mnist, fashion_mnist), got shape {event:?}",
+                        cfg.family.as_str()
+                    ))
+                })?;
+                image::build(cfg, shape, params, &mut layers)?
+            }
         }
         Ok(Flow {
             family: cfg.family,
             dim,
+            event: event.to_vec(),
             layers,
         })
+    }
+
+    /// Rows `[N, D]` as `[N, ...event]`.
+    fn shaped(&self, x: &Tensor) -> Result<Tensor> {
+        if self.event.len() == 1 {
+            return Ok(x.clone());
+        }
+        let mut shape = vec![x.dim(0)?];
+        shape.extend_from_slice(&self.event);
+        x.reshape(shape)
     }
 
     /// How the two directions scale with the dimension: sequential if any layer's is.
@@ -89,9 +136,9 @@ impl Flow {
         }
     }
 
-    /// data → latent, with the summed log|det| per row.
+    /// data → latent (`[N, D]` rows both), with the summed log|det| per row.
     pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut z = x.clone();
+        let mut z = self.shaped(x)?;
         let mut total: Option<Tensor> = None;
         for l in &self.layers {
             let (next, ld) = l.encode(&z)?;
@@ -105,7 +152,7 @@ impl Flow {
             Some(t) => t,
             None => Tensor::zeros(x.dim(0)?, x.dtype(), x.device())?,
         };
-        Ok((z, total))
+        Ok((z.flatten_from(1)?, total))
     }
 
     /// log p(x) per row.
@@ -117,14 +164,14 @@ impl Flow {
     /// latent → data with log q(x) of each sample: `log N(z) − Σ log|det ∂x/∂z|`. One pass
     /// for IAF, which is what makes density distillation fast.
     pub fn sample_with_log_prob(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut x = z.clone();
+        let mut x = self.shaped(z)?;
         let mut lp = base_log_prob(z)?;
         for l in self.layers.iter().rev() {
             let (next, ld) = l.decode_with_log_det(&x)?;
             x = next;
             lp = (lp - ld)?;
         }
-        Ok((x, lp))
+        Ok((x.flatten_from(1)?, lp))
     }
 
     /// Monte-Carlo reverse KL(self ‖ teacher) in nats: the mean of `log q(x) − log p(x)`
@@ -156,19 +203,19 @@ impl Flow {
         Tensor::stack(&each, 0)?.log_sum_exp(0)? - (ensemble as f64).ln()
     }
 
-    /// latent → data.
+    /// latent → data (`[N, D]` rows both).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let mut x = z.clone();
+        let mut x = self.shaped(z)?;
         for l in self.layers.iter().rev() {
             x = l.decode(&x)?;
         }
-        Ok(x)
+        x.flatten_from(1)
     }
 
-    /// `encode.onnx`: `x[N, D] → z[N, D], log_prob[N]`, evaluation behaviour.
+    /// `encode.onnx`: `x[N, ...event] → z[N, ...event], log_prob[N]`, evaluation behaviour.
     pub fn encode_graph(&self, name: &str) -> Result<ModelProto> {
         let mut g = Graph::new();
-        let event = [self.dim];
+        let event = self.event.clone();
         let x = g.input("x", &event);
         let mut z = x;
         let mut constant = -0.5 * self.dim as f64 * LN_2PI;
@@ -198,10 +245,10 @@ impl Flow {
         ))
     }
 
-    /// `decode.onnx`: `z[N, D] → x[N, D]`.
+    /// `decode.onnx`: `z[N, ...event] → x[N, ...event]`.
     pub fn decode_graph(&self, name: &str) -> Result<ModelProto> {
         let mut g = Graph::new();
-        let event = [self.dim];
+        let event = self.event.clone();
         let mut x = g.input("z", &event);
         for l in self.layers.iter().rev() {
             x = l.emit_decode(&mut g, &x)?;

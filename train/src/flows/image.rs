@@ -1,0 +1,123 @@
+//! Multi-scale image flows over `[C, H, W]` events.
+//!
+//! Each level squeezes (`[C, H, W] → [4C, H/2, W/2]`), runs its steps, hands the first half of
+//! the channels to the next level (factor-out: the other half are latents now) and unsqueezes
+//! back, so every level — and the whole flow — maps `[C, H, W]` to `[C, H, W]` and the latent
+//! is a rearrangement of the per-scale Gaussians.
+//!
+//! - **Glow** (Kingma & Dhariwal, 2018): K steps of actnorm → invertible 1×1 convolution →
+//!   channel-mask coupling per level.
+//! - **RealNVP** (Dinh et al., 2016): K checkerboard couplings (alternating), squeeze, K
+//!   channel-mask couplings (alternating), factor out; the last level is 2K checkerboard
+//!   couplings on its input. Actnorm follows each coupling in place of batch norm (it is the
+//!   per-channel affine map that batch norm becomes at evaluation, initialised from data).
+
+use candle_core::Result;
+
+use crate::bijectors::{
+    ActNorm, Bijector, ConvCoupling, FactorOut, ImageMask, InvConv1x1, Inverse, Squeeze,
+};
+use crate::config::{Family, ModelConfig};
+use crate::params::Params;
+
+pub(super) fn build(
+    cfg: &ModelConfig,
+    shape: [usize; 3],
+    p: &Params,
+    layers: &mut Vec<Box<dyn Bijector>>,
+) -> Result<()> {
+    check_shape(cfg, shape)?;
+    layers.extend(level(cfg, shape, 0, &p.pp("level0"))?);
+    Ok(())
+}
+
+/// Every level but the last squeezes and halves the channels; the spatial size must allow it.
+fn check_shape(cfg: &ModelConfig, shape: [usize; 3]) -> Result<()> {
+    let [_, mut h, mut w] = shape;
+    let squeezes = match cfg.family {
+        Family::Glow => cfg.levels,
+        _ => cfg.levels - 1,
+    };
+    for l in 0..squeezes {
+        if h % 2 != 0 || w % 2 != 0 {
+            candle_core::bail!(
+                "{} with {} levels squeezes {squeezes} times, but level {l} sees {h}×{w} (odd); use fewer levels",
+                cfg.family.as_str(),
+                cfg.levels
+            );
+        }
+        h /= 2;
+        w /= 2;
+    }
+    Ok(())
+}
+
+fn level(
+    cfg: &ModelConfig,
+    shape: [usize; 3],
+    l: usize,
+    p: &Params,
+) -> Result<Vec<Box<dyn Bijector>>> {
+    let last = l + 1 == cfg.levels;
+    let mut out: Vec<Box<dyn Bijector>> = Vec::new();
+    let coupling = |p: &Params, shape, mask, flip| -> Result<Box<dyn Bijector>> {
+        Ok(Box::new(ConvCoupling::new(
+            p,
+            shape,
+            mask,
+            flip,
+            cfg.hidden,
+            cfg.activation,
+            cfg.additive,
+        )?))
+    };
+    let actnorm = |p: &Params, s: [usize; 3]| -> Result<Box<dyn Bijector>> {
+        Ok(Box::new(ActNorm::new(p, s[0], s[1] * s[2])?))
+    };
+    if cfg.family == Family::RealnvpImage {
+        let k = if last { 2 * cfg.layers } else { cfg.layers };
+        for i in 0..k {
+            let q = p.pp(format!("checkerboard{i}"));
+            out.push(coupling(&q, shape, ImageMask::Checkerboard, i % 2 == 1)?);
+            out.push(actnorm(&q.pp("actnorm"), shape)?);
+        }
+        if last {
+            return Ok(out);
+        }
+    }
+    let sq = Squeeze::new(shape[0], shape[1], shape[2])?;
+    let s = sq.output_shape();
+    out.push(Box::new(sq));
+    for i in 0..cfg.layers {
+        let q = p.pp(format!("step{i}"));
+        if cfg.family == Family::Glow {
+            out.push(actnorm(&q.pp("actnorm"), s)?);
+            let seed = p.seed() ^ (0x1c0f + 131 * l as u64 + i as u64);
+            out.push(Box::new(InvConv1x1::new(
+                &q.pp("invconv"),
+                s[0],
+                s[1] * s[2],
+                cfg.lu,
+                seed,
+            )?));
+            out.push(coupling(&q.pp("coupling"), s, ImageMask::Channel, false)?);
+        } else {
+            out.push(coupling(&q, s, ImageMask::Channel, i % 2 == 1)?);
+            out.push(actnorm(&q.pp("actnorm"), s)?);
+        }
+    }
+    if !last {
+        let keep = s[0] / 2;
+        let inner = level(
+            cfg,
+            [keep, s[1], s[2]],
+            l + 1,
+            &p.pp(format!("level{}", l + 1)),
+        )?;
+        out.push(Box::new(FactorOut::new(keep, s[0], inner)?));
+    }
+    out.push(Box::new(Inverse(Squeeze::new(
+        shape[0], shape[1], shape[2],
+    )?)));
+    Ok(out)
+}
