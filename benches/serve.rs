@@ -6,6 +6,8 @@
 //! ONNX Runtime directly at batch 1024; (d) a bare axum handler that parses the same
 //! single-row JSON and answers without inference, at 64 connections.
 //! Usage: cargo bench --bench serve -- [--seconds S] [--rounds R] [--out BENCHMARKS.md]
+//!        cargo bench --bench serve -- --load http://127.0.0.1:8080/log_prob [--seconds S]
+//!        (only scenario (a)'s load, against a server you started, e.g. to profile it)
 
 mod common;
 
@@ -76,6 +78,16 @@ fn main() {
             .unwrap_or(default.into())
     };
     let secs: f64 = get("--seconds", "5").parse().unwrap();
+    // Ad-hoc load on a running server (for profiling it): scenario (a)'s requests.
+    if let Some(i) = args.iter().position(|a| a == "--load") {
+        let one = json!({"model": MODEL, "inputs": [ROW]});
+        let l = load(&args[i + 1], &one, 1, 64, secs);
+        println!(
+            "{:.0} rows/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+            l.rows_per_s, l.p50_ms, l.p99_ms, l.errors
+        );
+        return;
+    }
     let rounds: usize = get("--rounds", "3").parse().unwrap();
     let out = PathBuf::from(get("--out", "BENCHMARKS.md"));
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
