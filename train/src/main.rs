@@ -44,7 +44,8 @@ struct TrainArgs {
     /// Flow family.
     #[arg(long, value_enum)]
     family: Option<Family>,
-    /// moons, eight_gaussians, checkerboard, rings, pinwheel, wine, digits, or a .csv/.npy path.
+    /// moons, eight_gaussians, checkerboard, rings, pinwheel, wine, digits, mnist, fashion_mnist
+    /// (the last two after `make data`), or a .csv/.npy path.
     #[arg(long)]
     data: Option<String>,
     /// Output folder: the package, checkpoints, metrics.jsonl and plots.
@@ -161,7 +162,8 @@ struct SampleArgs {
     /// Seed (default: fresh entropy, printed).
     #[arg(long)]
     seed: Option<u64>,
-    /// Output: .csv (a header of feature names) or .png (a scatter plot, 2-D models).
+    /// Output: .csv (a header of feature names) or .png (a scatter plot of 2-D models, a grid
+    /// of image samples).
     #[arg(long)]
     out: PathBuf,
 }
@@ -288,8 +290,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         .data
         .clone()
         .unwrap_or_else(|| config.data.dataset.clone());
-    let builtin =
-        toy::TOY.contains(&dataset.as_str()) || ["wine", "digits"].contains(&dataset.as_str());
+    let builtin = toy::TOY.contains(&dataset.as_str()) || data::BUILTIN.contains(&dataset.as_str());
     let (table, what) = if builtin {
         let mut dc = config.data.clone();
         dc.dataset = dataset.clone();
@@ -387,7 +388,20 @@ fn sample(a: SampleArgs) -> Result<()> {
         .features
         .clone()
         .unwrap_or_else(|| (0..dim).map(|i| format!("x{i}")).collect());
-    write_samples(&a.out, &ext, &names, &x, dim)?;
+    let m = &runner.package.manifest;
+    if ext == "png" && m.event_shape.len() == 3 {
+        let range = m.domain.pixel_range.unwrap_or_else(|| {
+            x.iter()
+                .fold([f64::INFINITY, f64::NEG_INFINITY], |[lo, hi], &v| {
+                    [lo.min(v as f64), hi.max(v as f64)]
+                })
+        });
+        let png = flowpack::image::grid_png(&x, &m.event_shape, range, None)
+            .map_err(|e| anyhow::anyhow!("cannot draw the samples: {e}"))?;
+        std::fs::write(&a.out, png).with_context(|| format!("cannot write {}", a.out.display()))?;
+    } else {
+        write_samples(&a.out, &ext, &names, &x, dim)?;
+    }
     println!(
         "wrote {} samples (seed {seed}, temperature {}) to {}",
         a.num_samples,
@@ -400,7 +414,7 @@ fn sample(a: SampleArgs) -> Result<()> {
 fn write_samples(out: &Path, ext: &str, names: &[String], x: &[f32], dim: usize) -> Result<()> {
     if ext == "png" {
         if dim != 2 {
-            bail!("PNG output draws a scatter plot of 2-D models; this model has {dim} features, use .csv");
+            bail!("PNG output draws a scatter plot of 2-D models or a grid of image samples; this model has {dim} features, use .csv");
         }
         let title = format!("{} samples", x.len() / dim);
         return flowtrain::plot::scatter(x, &title, out);

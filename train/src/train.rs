@@ -141,6 +141,22 @@ pub fn to_tensor(values: &[f32], dim: usize) -> candle_core::Result<Tensor> {
     Tensor::from_slice(values, (values.len() / dim, dim), &Device::Cpu)
 }
 
+/// Elements per evaluation chunk: image flows hold `hidden` channels per pixel in every
+/// coupling network, so whole test sets at once would take gigabytes.
+const EVAL_CHUNK_ELEMENTS: usize = 1 << 18;
+
+/// log p of every row of `values` (row-major, `flow.dim` per row), in chunks, averaged over
+/// `ensemble` mask sets.
+pub fn log_prob_rows(flow: &Flow, values: &[f32], ensemble: usize) -> Result<Vec<f32>> {
+    let rows = (EVAL_CHUNK_ELEMENTS / flow.dim).clamp(1, 4096);
+    let mut out = Vec::with_capacity(values.len() / flow.dim);
+    for chunk in values.chunks(rows * flow.dim) {
+        let lp = flow.ensemble_log_prob(&to_tensor(chunk, flow.dim)?, ensemble)?;
+        out.extend(lp.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
 /// Mean NLL (nats per example) of `table` under `flow` in evaluation mode, averaging
 /// densities over mask sets `0..ensemble` (1: the exported flow alone); integer columns get
 /// the fixed dequantisation noise of `noise_seed` when `dequantized` marks them.
@@ -159,14 +175,8 @@ pub fn mean_nll(
         dequantized,
         &mut ChaCha8Rng::seed_from_u64(noise_seed),
     );
-    let mut total = 0f64;
-    for chunk in values.chunks(4096 * table.dim) {
-        let lp = flow.ensemble_log_prob(&to_tensor(chunk, table.dim)?, ensemble)?;
-        total += lp
-            .sum_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-    }
+    let lp = log_prob_rows(flow, &values, ensemble)?;
+    let total: f64 = lp.iter().map(|&v| v as f64).sum();
     Ok(-total / table.rows() as f64)
 }
 

@@ -224,3 +224,36 @@ fn non_finite_steps_are_skipped_logged_and_slow_the_learning_rate() {
     assert_eq!(scales[0], 0.5);
     assert_eq!(scales[1], 0.25, "each skip halves the learning rate");
 }
+
+#[test]
+fn idx_files_read_plain_and_gzipped_and_refuse_bad_headers() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    // Two 2×3 images of unsigned bytes.
+    let mut idx = vec![0u8, 0, 0x08, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 3];
+    idx.extend(0u8..12);
+    let plain = dir.path().join("x-idx3-ubyte");
+    std::fs::write(&plain, &idx).unwrap();
+    let gz = dir.path().join("x-idx3-ubyte.gz");
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(&idx).unwrap();
+    std::fs::write(&gz, enc.finish().unwrap()).unwrap();
+    for path in [&plain, &gz] {
+        let t = flowtrain::data::images::idx_images(path).unwrap();
+        assert_eq!((t.rows(), t.dim), (2, 6));
+        assert_eq!(t.row(1), &[6.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
+        assert_eq!(t.names[4], "pixel_1_1");
+    }
+    let short = dir.path().join("short-idx3-ubyte");
+    std::fs::write(&short, &idx[..20]).unwrap();
+    let e = flowtrain::data::images::idx_images(&short)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the header says"), "{e}");
+    let bad = dir.path().join("bad-idx3-ubyte");
+    std::fs::write(&bad, [1u8, 2, 3, 4]).unwrap();
+    let e = flowtrain::data::images::idx_images(&bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not an IDX file"), "{e}");
+}

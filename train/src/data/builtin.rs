@@ -1,5 +1,6 @@
 //! Real tables shipped inside crates: wine quality (`linfa-datasets`, 1599 × 11) and
-//! 8×8 handwritten digits (`smartcore`, 1797 × 64, pixel values 0–16).
+//! 8×8 handwritten digits (`smartcore`, 1797 × 64, pixel values 0–16); and the fetched
+//! image sets (see [`super::images`]).
 
 use anyhow::Result;
 
@@ -21,6 +22,12 @@ pub fn load(name: &str) -> Result<Option<Table>> {
                 .map(|i| format!("pixel_{}_{}", i / 8, i % 8))
                 .collect();
             Table::new(names, ds.data)?
+        }
+        "mnist" => super::images::mnist()?,
+        "fashion_mnist" => {
+            let (mut train, test) = super::images::fashion_mnist()?;
+            train.values.extend(test.values);
+            train
         }
         _ => return Ok(None),
     }))

@@ -15,6 +15,7 @@ use crate::flows::Standardization;
 
 mod builtin;
 mod files;
+pub mod images;
 
 pub use files::Columns;
 pub mod toy;
@@ -120,10 +121,15 @@ pub struct Splits {
     pub image: Option<[usize; 3]>,
 }
 
+/// The built-in tables (besides the toy densities); mnist and fashion_mnist are fetched by
+/// `make data`.
+pub const BUILTIN: [&str; 4] = ["wine", "digits", "mnist", "fashion_mnist"];
+
 /// The image shape of a built-in image dataset's rows (all its columns kept).
 pub fn image_shape(dataset: &str) -> Option<[usize; 3]> {
     match dataset {
         "digits" => Some([1, 8, 8]),
+        "mnist" | "fashion_mnist" => Some([1, 28, 28]),
         _ => None,
     }
 }
@@ -152,8 +158,9 @@ pub fn read_table(dataset: &str, columns: Columns) -> Result<Table> {
             bail!("cannot read data file {dataset}: no such file")
         }
         _ => bail!(
-            "unknown dataset {dataset:?}: use one of {}, wine, digits, or a path ending in .csv or .npy",
-            toy::TOY.join(", ")
+            "unknown dataset {dataset:?}: use one of {}, {}, or a path ending in .csv or .npy",
+            toy::TOY.join(", "),
+            BUILTIN.join(", ")
         ),
     }
 }
@@ -181,6 +188,22 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
             image: None,
         });
     }
+    let image = image_shape(name).filter(|_| cfg.drop_columns.is_empty());
+    if name == "fashion_mnist" {
+        // The official split: test is t10k; validation is a seeded part of the training set.
+        let (train, test) = images::fashion_mnist()?;
+        let n = train.rows();
+        let n_val = ((n as f64 * cfg.val_fraction).round() as usize).max(1);
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5_9117));
+        return Ok(Splits {
+            image,
+            source: name.to_string(),
+            val: train.select(&idx[..n_val]),
+            train: train.select(&idx[n_val..]),
+            test,
+        });
+    }
     let table = read_table(name, Columns::Drop(&cfg.drop_columns))?;
     let n = table.rows();
     let n_val = (n as f64 * cfg.val_fraction).round() as usize;
@@ -190,7 +213,6 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
     }
     let mut idx: Vec<usize> = (0..n).collect();
     idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5_9117));
-    let image = image_shape(name).filter(|_| cfg.drop_columns.is_empty());
     Ok(Splits {
         image,
         source: name.to_string(),
