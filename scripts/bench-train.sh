@@ -20,8 +20,8 @@ MAF_PAPER="--batch-size 100 --lr 1e-4 --steps 20000 --eval-every 50 --patience 1
 declare -a C A I
 IMAGE="--levels 2 --hidden 32 --seed 0 --quiet --fresh"
 I+=("train --family glow --data digits --layers 4 --steps 3000 --eval-every 100 --patience 5 $IMAGE --out $RUNS/glow-digits")
-I+=("train --family realnvp_image --data digits --layers 2 --steps 3000 --eval-every 100 --patience 5 $IMAGE --out $RUNS/realnvp-image-digits")
-I+=("train --family glow --data mnist --layers 4 --batch-size 64 --steps 3000 --eval-every 250 --patience 4 $IMAGE --out $RUNS/glow-mnist")
+I+=("train --family realnvp_image --data digits --layers 2 --steps 1500 --eval-every 100 --patience 5 $IMAGE --out $RUNS/realnvp-image-digits")
+I+=("train --family glow --data mnist --layers 4 --batch-size 64 --steps 2000 --eval-every 250 --patience 4 $IMAGE --out $RUNS/glow-mnist")
 for family in nice realnvp; do
   C+=("train --family $family --data moons --steps 5000 $COUPLING --out $RUNS/$family-moons")
   C+=("train --family $family --data wine --steps 5000 --eval-every 50 --patience 20 $COUPLING --out $RUNS/$family-wine")
