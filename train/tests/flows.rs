@@ -351,9 +351,13 @@ fn glow_on_digits_trains_exports_and_round_trips() {
 #[test]
 fn multiscale_realnvp_on_digits_trains_exports_and_round_trips() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = image_config(Family::RealnvpImage);
-    c.model.additive = true;
-    train_export_compare(&c, dir.path());
+    for batch_norm in [true, false] {
+        let mut c = image_config(Family::RealnvpImage);
+        c.model.additive = !batch_norm;
+        c.model.batch_norm = batch_norm;
+        let _ = std::fs::remove_dir_all(dir.path());
+        train_export_compare(&c, dir.path());
+    }
     assert_eq!(
         Package::open(dir.path()).unwrap().manifest.family,
         "realnvp_image"

@@ -318,3 +318,30 @@ fn factor_out_runs_deeper_levels_on_half_the_channels() {
         assert_eq!(&z[n * 16 + 8..n * 16 + 16], &x[n * 16 + 8..n * 16 + 16]);
     }
 }
+
+#[test]
+fn batch_norm_per_channel_on_images() {
+    let p = Params::new(31);
+    let bn = BatchNorm::per_channel(&p, 3, 4, 1.0, 1e-5).unwrap();
+    // Training: each channel normalised over batch and pixels; momentum 1 copies the stats.
+    let mut x = random_rows(16, 12, 32);
+    for (k, v) in x.iter_mut().enumerate() {
+        let c = (k / 4) % 3;
+        *v = *v * (0.5 + c as f32) + 3.0 * c as f32;
+    }
+    bn.set_training(true);
+    let (z, ld) = bn.encode(&tensor_shaped(&x, &[3, 2, 2])).unwrap();
+    let per_channel = z.transpose(0, 1).unwrap().flatten_from(1).unwrap();
+    for (c, m) in to_vec(&per_channel.mean(1).unwrap()).iter().enumerate() {
+        assert!(m.abs() < 1e-4, "channel {c} mean {m}");
+    }
+    let ld = to_vec(&ld);
+    assert!(
+        ld.iter().all(|v| (v - ld[0]).abs() < 1e-6),
+        "one log-det per batch"
+    );
+    // Evaluation with the running statistics it just took (and random γ, β): a bijector.
+    bn.set_training(false);
+    randomize_around(&p, 33, 0.3);
+    check_bijector_shaped(&bn, &[3, 2, 2], &[3, 2, 2], 34);
+}

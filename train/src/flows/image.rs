@@ -9,13 +9,14 @@
 //!   channel-mask coupling per level.
 //! - **RealNVP** (Dinh et al., 2016): K checkerboard couplings (alternating), squeeze, K
 //!   channel-mask couplings (alternating), factor out; the last level is 2K checkerboard
-//!   couplings on its input. Actnorm follows each coupling in place of batch norm (it is the
-//!   per-channel affine map that batch norm becomes at evaluation, initialised from data).
+//!   couplings on its input. Per-channel batch norm follows each coupling (`batch_norm`), or
+//!   actnorm (the per-channel affine map batch norm becomes at evaluation, initialised from
+//!   data, with no running statistics).
 
 use candle_core::Result;
 
 use crate::bijectors::{
-    ActNorm, Bijector, ConvCoupling, FactorOut, ImageMask, InvConv1x1, Inverse, Squeeze,
+    ActNorm, BatchNorm, Bijector, ConvCoupling, FactorOut, ImageMask, InvConv1x1, Inverse, Squeeze,
 };
 use crate::config::{Family, ModelConfig};
 use crate::params::Params;
@@ -74,12 +75,27 @@ fn level(
     let actnorm = |p: &Params, s: [usize; 3]| -> Result<Box<dyn Bijector>> {
         Ok(Box::new(ActNorm::new(p, s[0], s[1] * s[2])?))
     };
+    // Image RealNVP normalises after each coupling: per-channel batch norm as in the paper
+    // with `batch_norm`, else actnorm.
+    let normalise = |p: &Params, s: [usize; 3]| -> Result<Box<dyn Bijector>> {
+        if cfg.batch_norm {
+            Ok(Box::new(BatchNorm::per_channel(
+                &p.pp("batch_norm"),
+                s[0],
+                s[1] * s[2],
+                cfg.batch_norm_momentum,
+                1e-5,
+            )?))
+        } else {
+            actnorm(&p.pp("actnorm"), s)
+        }
+    };
     if cfg.family == Family::RealnvpImage {
         let k = if last { 2 * cfg.layers } else { cfg.layers };
         for i in 0..k {
             let q = p.pp(format!("checkerboard{i}"));
             out.push(coupling(&q, shape, ImageMask::Checkerboard, i % 2 == 1)?);
-            out.push(actnorm(&q.pp("actnorm"), shape)?);
+            out.push(normalise(&q, shape)?);
         }
         if last {
             return Ok(out);
@@ -103,7 +119,7 @@ fn level(
             out.push(coupling(&q.pp("coupling"), s, ImageMask::Channel, false)?);
         } else {
             out.push(coupling(&q, s, ImageMask::Channel, i % 2 == 1)?);
-            out.push(actnorm(&q.pp("actnorm"), s)?);
+            out.push(normalise(&q, s)?);
         }
     }
     if !last {
