@@ -56,12 +56,7 @@ fn graph_kb(models: &Path, name: &str, version: u64, file: &str) -> u64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let get = |flag: &str, default: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .map(|i| args[i + 1].clone())
-            .unwrap_or(default.into())
-    };
+    let get = |flag: &str, default: &str| flag_value(&args, flag, default);
     let secs: f64 = get("--seconds", "3").parse().unwrap();
     let rounds: usize = get("--rounds", "3").parse().unwrap();
     let out = PathBuf::from(get("--out", "BENCHMARKS.md"));

@@ -71,12 +71,7 @@ fn main() {
         floor_server(args[i + 1].parse().unwrap());
         return;
     }
-    let get = |flag: &str, default: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .map(|i| args[i + 1].clone())
-            .unwrap_or(default.into())
-    };
+    let get = |flag: &str, default: &str| flag_value(&args, flag, default);
     let secs: f64 = get("--seconds", "5").parse().unwrap();
     // Ad-hoc load on a running server (for profiling it): scenario (a)'s requests.
     if let Some(i) = args.iter().position(|a| a == "--load") {

@@ -150,6 +150,14 @@ pub fn start_server(server: &Path, models: &Path, extra: &[&str]) -> (Guard, Str
     (g, base)
 }
 
+/// The value after `flag` in `args`, or `default`.
+pub fn flag_value(args: &[String], flag: &str, default: &str) -> String {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.into())
+}
+
 /// The CPU model, for the report.
 pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
