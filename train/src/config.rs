@@ -111,6 +111,8 @@ pub struct ModelConfig {
     pub additive: bool,
     /// Glow: the LU-parameterised 1×1 convolution (else the plain matrix).
     pub lu: bool,
+    /// Image families: the factored-out channels' Gaussian is learned from the remaining half.
+    pub learned_prior: bool,
 }
 
 impl ModelConfig {
@@ -149,6 +151,7 @@ impl Default for ModelConfig {
             levels: 2,
             additive: false,
             lu: true,
+            learned_prior: false,
         }
     }
 }

@@ -93,6 +93,9 @@ struct TrainArgs {
     /// Glow: LU-parameterised 1×1 convolutions (false: the plain matrix).
     #[arg(long)]
     lu: Option<bool>,
+    /// Image families: learn the factored-out channels' Gaussian from the remaining half.
+    #[arg(long)]
+    learned_prior: Option<bool>,
     /// MADE/MAF/IAF: a new input order per minibatch.
     #[arg(long)]
     order_agnostic: Option<bool>,
@@ -187,6 +190,7 @@ fn config_for(a: &TrainArgs) -> Result<Config> {
         c.model.order_agnostic => a.order_agnostic, c.model.masks => a.masks,
         c.model.connectivity_agnostic => a.connectivity_agnostic, c.model.ensemble => a.ensemble,
         c.model.levels => a.levels, c.model.additive => a.additive, c.model.lu => a.lu,
+        c.model.learned_prior => a.learned_prior,
     );
     if let Some(t) = &a.teacher {
         c.train.teacher = Some(t.display().to_string());

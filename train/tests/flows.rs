@@ -338,6 +338,7 @@ fn glow_on_digits_trains_exports_and_round_trips() {
     for lu in [true, false] {
         let mut c = image_config(Family::Glow);
         c.model.lu = lu;
+        c.model.learned_prior = !lu;
         let _ = std::fs::remove_dir_all(dir.path());
         train_export_compare(&c, dir.path());
         let m = Package::open(dir.path()).unwrap().manifest;

@@ -6,7 +6,9 @@
 //! is a rearrangement of the per-scale Gaussians.
 //!
 //! - **Glow** (Kingma & Dhariwal, 2018): K steps of actnorm → invertible 1×1 convolution →
-//!   channel-mask coupling per level.
+//!   channel-mask coupling per level. With `learned_prior`, the channels that leave at a level
+//!   get a Gaussian conditioned on those that stay (a coupling of one half on the other)
+//!   instead of the standard normal.
 //! - **RealNVP** (Dinh et al., 2016): K checkerboard couplings (alternating), squeeze, K
 //!   channel-mask couplings (alternating), factor out; the last level is 2K checkerboard
 //!   couplings on its input. Per-channel batch norm follows each coupling (`batch_norm`), or
@@ -124,6 +126,11 @@ fn level(
     }
     if !last {
         let keep = s[0] / 2;
+        if cfg.learned_prior {
+            // Glow's split prior: the leaving half's Gaussian is conditioned on the staying
+            // half — an affine coupling of the second half of the channels on the first.
+            out.push(coupling(&p.pp("prior"), s, ImageMask::Channel, false)?);
+        }
         let inner = level(
             cfg,
             [keep, s[1], s[2]],
