@@ -1,0 +1,34 @@
+# flowserve: the HTTP service and the bundled models, on ONNX Runtime's CPU build.
+#   docker build -t flowserve .
+#   docker run --rm -p 8080:8080 flowserve
+# Serve other packages by mounting a repository over /models (<name>/<version>/flow.json).
+
+FROM rust:1.95-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3-pip \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+# The ONNX Runtime library from its pinned PyPI wheel (sha256-checked), as `make ort` does.
+RUN scripts/fetch-ort.sh /opt/ort \
+ && cargo build --release --locked -p flowserve \
+ && cp target/release/flowserve /usr/local/bin/flowserve
+
+FROM debian:bookworm-slim
+# libstdc++ and libgomp for ONNX Runtime; no shell tools are needed at run time.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libstdc++6 libgomp1 ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home flowserve
+COPY --from=build /usr/local/bin/flowserve /usr/local/bin/flowserve
+COPY --from=build /opt/ort/ /opt/ort/
+COPY models/ /models/
+ENV ORT_DYLIB_PATH=/opt/ort/libonnxruntime.so.1.32.0 \
+    FLOWSERVE_MODELS=/models \
+    FLOWSERVE_HOST=0.0.0.0 \
+    FLOWSERVE_PORT=8080 \
+    FLOWSERVE_LOG_FORMAT=json
+USER 10001
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/flowserve"]
