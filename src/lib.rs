@@ -8,6 +8,8 @@
 //! batch) → [`runtime`] (one engine thread per graph) → back through the batcher to the
 //! request. [`repository`] loads the models; [`metrics`] holds every Prometheus metric.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod batcher;
 pub mod config;

@@ -6,6 +6,8 @@
 //! [`Package::open`] reads a folder and refuses it, with a message a person can act on,
 //! unless the checksums, names and shapes all agree.
 
+#![warn(missing_docs)]
+
 mod error;
 pub mod image;
 mod manifest;

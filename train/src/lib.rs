@@ -5,6 +5,8 @@
 //! normal base) → [`train`] → [`export`]. Each bijector holds its math and its ONNX twin
 //! side by side, so parity is local.
 
+#![warn(missing_docs)]
+
 pub mod bijectors;
 pub mod config;
 pub mod data;
