@@ -62,11 +62,7 @@ fn main() {
     let out = PathBuf::from(get("--out", "BENCHMARKS.md"));
     let models_dir = PathBuf::from(get("--models", "runs/cost/models"));
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let server_bin = root.join("target/release/flowserve");
-    assert!(
-        server_bin.exists(),
-        "build the server first: cargo build --release -p flowserve"
-    );
+    let server_bin = server_binary(root);
     let (_server, base) = start_server(
         &server_bin,
         &models_dir,

@@ -86,11 +86,7 @@ fn main() {
     let rounds: usize = get("--rounds", "3").parse().unwrap();
     let out = PathBuf::from(get("--out", "BENCHMARKS.md"));
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let server_bin = root.join("target/release/flowserve");
-    assert!(
-        server_bin.exists(),
-        "build the server first: cargo build --release -p flowserve"
-    );
+    let server_bin = server_binary(root);
     let models = root.join("models");
 
     let start_server = |extra: &[&str]| {

@@ -134,6 +134,16 @@ pub fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// The release build of the server under the workspace `root` (the benchmarks measure it).
+pub fn server_binary(root: &Path) -> std::path::PathBuf {
+    let bin = root.join("target/release/flowserve");
+    assert!(
+        bin.exists(),
+        "build the server first: cargo build --release -p flowserve"
+    );
+    bin
+}
+
 /// Starts `flowserve` on a free port serving `models`; returns it and its base URL once ready.
 pub fn start_server(server: &Path, models: &Path, extra: &[&str]) -> (Guard, String) {
     let port = free_port();
