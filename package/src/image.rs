@@ -1,16 +1,26 @@
 //! Sample grids as PNG: the pictures `/sample` (`"format": "png"`) and `flowtrain sample
 //! --out grid.png` return for image models, from one implementation.
 
+/// `[min, max]` of `values` (`[+∞, −∞]` when empty).
+pub fn value_range(values: &[f32]) -> [f64; 2] {
+    values
+        .iter()
+        .fold([f64::INFINITY, f64::NEG_INFINITY], |[lo, hi], &v| {
+            [lo.min(v as f64), hi.max(v as f64)]
+        })
+}
+
 /// Encodes `values` (row-major `[N, C, H, W]`, C = 1 grey or 3 RGB) as one PNG: the images in
 /// a grid of `columns` (default: a near-square grid), each pixel value mapped linearly from
-/// `range` to 0–255 and clamped, each image scaled up by whole pixels to at least 56 px, with
-/// a 2-px white gutter.
+/// `range` (default: the values' own range; a manifest's `domain.pixel_range`) to 0–255 and
+/// clamped, each image scaled up by whole pixels to at least 56 px, with a 2-px white gutter.
 pub fn grid_png(
     values: &[f32],
     event_shape: &[usize],
-    range: [f64; 2],
+    range: Option<[f64; 2]>,
     columns: Option<usize>,
 ) -> Result<Vec<u8>, String> {
+    let range = range.unwrap_or_else(|| value_range(values));
     let [c, h, w] = event_shape else {
         return Err(format!(
             "a picture needs [C, H, W] images, not {event_shape:?}"

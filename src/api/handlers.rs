@@ -53,6 +53,26 @@ struct Done {
     inference: Duration,
 }
 
+impl Done {
+    /// A successful answer: `body` of `content_type`, with the timing of `out`.
+    fn new(
+        model: Arc<Model>,
+        rows: usize,
+        out: &Outputs,
+        body: Vec<u8>,
+        content_type: &'static str,
+    ) -> Done {
+        Done {
+            model,
+            rows,
+            body,
+            content_type,
+            queue: out.queue_time,
+            inference: out.inference_time,
+        }
+    }
+}
+
 /// The model and its error, for metric labels (unresolved models count under "").
 type Failed = (Option<Arc<Model>>, ApiError);
 
@@ -313,14 +333,7 @@ fn samples_done(
         seed,
         temperature,
     });
-    Done {
-        rows,
-        body,
-        content_type: JSON,
-        queue: out.queue_time,
-        inference: out.inference_time,
-        model,
-    }
+    Done::new(model, rows, &out, body, JSON)
 }
 
 const JSON: &str = "application/json";
@@ -348,15 +361,14 @@ fn picture_done(
     temperature: f64,
 ) -> Result<Done, Failed> {
     let m = &model.package.manifest;
-    let x = &out.values[0];
-    let range = m.domain.pixel_range.unwrap_or_else(|| {
-        x.iter()
-            .fold([f64::INFINITY, f64::NEG_INFINITY], |[lo, hi], &v| {
-                [lo.min(v as f64), hi.max(v as f64)]
-            })
-    });
     let columns = (rows as f64).sqrt().ceil() as usize;
-    let png = flowpack::image::grid_png(x, &m.event_shape, range, Some(columns)).map_err(|e| {
+    let picture = flowpack::image::grid_png(
+        &out.values[0],
+        &m.event_shape,
+        m.domain.pixel_range,
+        Some(columns),
+    );
+    let png = picture.map_err(|e| {
         (
             Some(model.clone()),
             ApiError::invalid(format!("format png: {e}")),
@@ -382,14 +394,7 @@ fn picture_done(
         });
         (body, JSON)
     };
-    Ok(Done {
-        rows,
-        body,
-        content_type,
-        queue: out.queue_time,
-        inference: out.inference_time,
-        model,
-    })
+    Ok(Done::new(model, rows, &out, body, content_type))
 }
 
 async fn run_encode(
@@ -438,14 +443,7 @@ async fn run_encode(
             log_prob: lp,
         }),
     };
-    Ok(Done {
-        rows,
-        body,
-        content_type: JSON,
-        queue: out.queue_time,
-        inference: out.inference_time,
-        model,
-    })
+    Ok(Done::new(model, rows, &out, body, JSON))
 }
 
 async fn run_decode(

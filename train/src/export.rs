@@ -109,13 +109,7 @@ pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
             features: Some(info.features),
             observed_range: Some(observed_range),
             // Image models: the range samples are drawn in when turned into pictures.
-            pixel_range: (flow.event.len() == 3).then(|| {
-                t.values
-                    .iter()
-                    .fold([f64::INFINITY, f64::NEG_INFINITY], |[lo, hi], &v| {
-                        [lo.min(v as f64), hi.max(v as f64)]
-                    })
-            }),
+            pixel_range: (flow.event.len() == 3).then(|| flowpack::image::value_range(&t.values)),
         },
         metrics: info.metrics,
         calibration: Calibration {

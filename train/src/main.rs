@@ -394,13 +394,7 @@ fn sample(a: SampleArgs) -> Result<()> {
         .unwrap_or_else(|| (0..dim).map(|i| format!("x{i}")).collect());
     let m = &runner.package.manifest;
     if ext == "png" && m.event_shape.len() == 3 {
-        let range = m.domain.pixel_range.unwrap_or_else(|| {
-            x.iter()
-                .fold([f64::INFINITY, f64::NEG_INFINITY], |[lo, hi], &v| {
-                    [lo.min(v as f64), hi.max(v as f64)]
-                })
-        });
-        let png = flowpack::image::grid_png(&x, &m.event_shape, range, None)
+        let png = flowpack::image::grid_png(&x, &m.event_shape, m.domain.pixel_range, None)
             .map_err(|e| anyhow::anyhow!("cannot draw the samples: {e}"))?;
         std::fs::write(&a.out, png).with_context(|| format!("cannot write {}", a.out.display()))?;
     } else {

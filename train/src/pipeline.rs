@@ -46,12 +46,7 @@ pub fn build(config: &Config, data: &Splits) -> Result<(Flow, Params, Vec<f32>)>
         };
         // Dequantised pixels lie within half a step of the observed range.
         let step = deq.iter().copied().fold(0f32, f32::max) as f64;
-        let (lo, hi) = t
-            .values
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
-                (a.min(v as f64), b.max(v as f64))
-            });
+        let [lo, hi] = flowpack::image::value_range(&t.values);
         let pre = Preprocess::Logit {
             low: lo - step / 2.0,
             high: hi + step / 2.0,

@@ -47,8 +47,9 @@ pub struct Agnostic {
     pub connectivity: bool,
 }
 
-/// The order and the per-layer masks in use.
+/// The order and the per-layer masks in use, and which mask set they are.
 struct Masks {
+    set: u64,
     order: Vec<usize>,
     layers: Vec<Tensor>,
 }
@@ -145,6 +146,7 @@ impl Made {
             });
         }
         let masks = RwLock::new(Masks {
+            set: 0,
             layers: masks(&order, hidden, seed)?,
             order: order.clone(),
         });
@@ -170,6 +172,16 @@ impl Made {
     /// Switches to mask set `k`: 0 is the configured order and degrees; k ≥ 1 draws what
     /// [`Made::agnostic`] allows from (seed, k), the same set for the same k every time.
     pub fn select_masks(&self, k: u64) -> Result<()> {
+        // Without agnostic training every set is set 0; rebuild only when the set changes
+        // (the trainer selects one every step).
+        let k = if self.agnostic == Agnostic::default() {
+            0
+        } else {
+            k
+        };
+        if self.masks.read().expect("mask lock").set == k {
+            return Ok(());
+        }
         let mix = self.seed ^ k.wrapping_mul(0xd1b5_4a32_d192_ed03);
         let mut order = self.base_order.clone();
         if k > 0 && self.agnostic.order {
@@ -182,6 +194,7 @@ impl Made {
         };
         let layers = masks(&order, &self.hidden, degree_seed)?;
         let mut m = self.masks.write().expect("mask lock");
+        m.set = k;
         m.order = order;
         m.layers = layers;
         Ok(())

@@ -165,6 +165,13 @@ pub fn read_table(dataset: &str, columns: Columns) -> Result<Table> {
     }
 }
 
+/// The seeded order in which a table's rows are dealt into splits.
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5_9117));
+    idx
+}
+
 /// Loads and splits the configured dataset. Toy densities are sampled afresh for each split;
 /// tables are shuffled with `seed` and cut into validation, test and training rows.
 pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
@@ -194,8 +201,7 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
         let (train, test) = images::fashion_mnist()?;
         let n = train.rows();
         let n_val = ((n as f64 * cfg.val_fraction).round() as usize).max(1);
-        let mut idx: Vec<usize> = (0..n).collect();
-        idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5_9117));
+        let idx = shuffled(n, seed);
         return Ok(Splits {
             image,
             source: name.to_string(),
@@ -211,8 +217,7 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
     if n < 10 || n_val == 0 || n_test == 0 || n_val + n_test >= n {
         bail!("{name}: {n} rows are too few to split into training, validation and test sets");
     }
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5_9117));
+    let idx = shuffled(n, seed);
     Ok(Splits {
         image,
         source: name.to_string(),
