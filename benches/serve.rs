@@ -53,13 +53,14 @@ fn floor_server(port: u16) {
 
 fn ceiling(dir: &Path, secs: f64) -> f64 {
     let p = flowpack::Package::open(dir).unwrap();
-    let bytes = std::fs::read(p.path(&p.manifest.graphs.encode.file)).unwrap();
-    let mut s = flowpack::runtime::session(&bytes).unwrap();
+    let options = flowpack::runtime::SessionOptions::default();
+    let mut s =
+        flowpack::runtime::GraphSession::open(&p, flowpack::Direction::Encode, &options).unwrap();
     let x: Vec<f32> = ROW.iter().copied().cycle().take(1024 * 11).collect();
     let start = Instant::now();
     let mut n = 0;
     while start.elapsed().as_secs_f64() < secs {
-        flowpack::runtime::run(&mut s, "x", &x, &[1024, 11], &["z", "log_prob"]).unwrap();
+        s.run(&x).unwrap();
         n += 1024;
     }
     n as f64 / start.elapsed().as_secs_f64()

@@ -44,6 +44,10 @@ pub struct Config {
     /// Rows allowed to wait per queue; beyond it requests get 429 at once.
     #[arg(long, env = "FLOWSERVE_MAX_QUEUE_ROWS", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queue_rows: u64,
+    /// Most rows (or samples) in one request (413 beyond); never more than
+    /// --max-queue-rows, since a larger request could never be admitted.
+    #[arg(long, env = "FLOWSERVE_MAX_REQUEST_ROWS", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_request_rows: u64,
     /// Deadline of a request; a client may shorten it with the `x-request-timeout-ms` header.
     #[arg(long, env = "FLOWSERVE_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,

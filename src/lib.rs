@@ -2,26 +2,29 @@
 //!
 //! Start-up: parse the config, open the port (liveness answers at once), load, check and
 //! warm every model on blocking threads, then report ready. SIGTERM/SIGINT: readiness turns
-//! false, the listener closes, in-flight requests finish (bounded by a timeout), exit 0.
+//! false, the listener closes after the drain delay, in-flight requests finish, the queues
+//! close and the engine threads are joined; exit 0, or 1 if the shutdown timeout cut
+//! requests off.
 //!
 //! The request path: [`api`] (parse, validate against the manifest) → [`batcher`] (queue,
-//! batch) → [`runtime`] (one engine thread per graph) → back through the batcher to the
-//! request. [`repository`] loads the models; [`metrics`] holds every Prometheus metric.
+//! batch) → [`engine`] (one thread per graph) → back through the batcher to the request.
+//! [`repository`] loads the models; [`metrics`] holds every Prometheus metric.
 
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod batcher;
 pub mod config;
+pub mod engine;
 pub mod metrics;
 pub mod repository;
-pub mod runtime;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use anyhow::Context;
 use flowpack::runtime::SessionOptions;
 
 use crate::api::AppState;
@@ -53,18 +56,22 @@ async fn shutdown_signal(state: Arc<AppState>) {
     tokio::time::sleep(delay).await;
     tokio::spawn(async move {
         tokio::time::sleep(limit).await;
-        tracing::warn!("drain timeout reached; exiting with requests still in flight");
-        std::process::exit(0);
+        let left = state.metrics.in_flight.get();
+        tracing::error!(
+            in_flight = left,
+            "drain timeout reached; exiting with requests still in flight"
+        );
+        std::process::exit(1);
     });
 }
 
 /// Serves until SIGTERM/SIGINT and the drain that follows.
-pub async fn run(config: Config) -> Result<(), String> {
+pub async fn run(config: Config) -> anyhow::Result<()> {
     let addr: SocketAddr = format!("{}:{}", config.host, config.port)
         .parse()
-        .map_err(|e| format!("--host {} --port {}: {e}", config.host, config.port))?;
+        .with_context(|| format!("--host {} --port {}", config.host, config.port))?;
     // Fail fast, with a clear message, when ONNX Runtime cannot be loaded at all.
-    flowpack::runtime::environment().map_err(|e| e.to_string())?;
+    flowpack::runtime::environment()?;
     let options = LoadOptions {
         session: SessionOptions {
             intra_threads: config.intra_op_threads,
@@ -84,8 +91,8 @@ pub async fn run(config: Config) -> Result<(), String> {
     });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "listening; loading models from {}", state.config.models.display());
 
     let loader = state.clone();
@@ -111,7 +118,11 @@ pub async fn run(config: Config) -> Result<(), String> {
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal(state.clone()))
         .await
-        .map_err(|e| format!("server error: {e}"))?;
+        .context("server error")?;
+    if let Some(repo) = state.repo.get() {
+        let limit = Duration::from_millis(state.config.shutdown_timeout_ms);
+        repo.shutdown(limit).await;
+    }
     tracing::info!("drained; bye");
     Ok(())
 }

@@ -33,8 +33,8 @@ fn main() -> ExitCode {
     match rt.block_on(flowserve::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("error: {e}");
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

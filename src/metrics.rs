@@ -1,68 +1,200 @@
-//! Every Prometheus metric, registered at start-up so that a scrape before the first request
-//! already shows each family (with zero-valued series for every loaded model).
+//! Every Prometheus metric and its label vocabulary. Families are registered at start-up and
+//! each loaded model gets one [`ModelMetrics`] handle whose series are resolved once, so a
+//! scrape before the first request already shows every series and the hot path does no
+//! label hashing.
 
+use std::time::Duration;
+
+use flowpack::runtime::Provider;
+use flowpack::Direction;
+use prometheus::core::Collector;
 use prometheus::{
     exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Endpoints, as the `endpoint` label spells them.
-pub const ENDPOINTS: [&str; 4] = ["log_prob", "encode", "sample", "decode"];
-/// Graphs, as the `graph` label spells them.
-pub const GRAPHS: [&str; 2] = ["encode", "decode"];
-/// Reasons a request or row is rejected, as the `reason` label spells them.
-pub const REASONS: [&str; 5] = [
-    "overloaded",
-    "timeout",
-    "cancelled",
-    "invalid",
-    "engine_error",
-];
-
-/// Per-(model, endpoint) series of successful requests.
-#[derive(Clone)]
-pub struct EndpointSeries {
-    /// Requests answered 200.
-    pub ok: IntCounter,
-    /// Rows answered.
-    pub rows: IntCounter,
-    /// Request latency.
-    pub duration: Histogram,
+/// An inference endpoint, as the `endpoint` label spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /log_prob`
+    LogProb,
+    /// `POST /encode`
+    Encode,
+    /// `POST /sample`
+    Sample,
+    /// `POST /decode`
+    Decode,
 }
 
-/// The service's metrics.
+impl Endpoint {
+    /// Every endpoint.
+    pub const ALL: [Endpoint; 4] = [
+        Endpoint::LogProb,
+        Endpoint::Encode,
+        Endpoint::Sample,
+        Endpoint::Decode,
+    ];
+
+    /// The label value (and the route's last segment).
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::LogProb => "log_prob",
+            Endpoint::Encode => "encode",
+            Endpoint::Sample => "sample",
+            Endpoint::Decode => "decode",
+        }
+    }
+}
+
+/// Why a request got no answer, as the `reason` label spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The queue was full (429).
+    Overloaded,
+    /// The deadline passed (504).
+    Timeout,
+    /// The client went away while its rows waited; they were skipped.
+    Cancelled,
+    /// The request was invalid (4xx).
+    Invalid,
+    /// ONNX Runtime failed on its batch (500).
+    EngineError,
+}
+
+impl Rejection {
+    /// Every reason.
+    pub const ALL: [Rejection; 5] = [
+        Rejection::Overloaded,
+        Rejection::Timeout,
+        Rejection::Cancelled,
+        Rejection::Invalid,
+        Rejection::EngineError,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::Overloaded => "overloaded",
+            Rejection::Timeout => "timeout",
+            Rejection::Cancelled => "cancelled",
+            Rejection::Invalid => "invalid",
+            Rejection::EngineError => "engine_error",
+        }
+    }
+}
+
+/// The service's metric families.
 pub struct Metrics {
     registry: Registry,
-    /// Requests by endpoint and HTTP status.
-    pub requests: IntCounterVec,
-    /// Rows by endpoint and outcome (ok, error).
-    pub rows: IntCounterVec,
-    /// Whole-request latency.
-    pub request_duration: HistogramVec,
-    /// Time a request waited for its (last) batch to start.
-    pub queue_duration: HistogramVec,
-    /// ONNX Runtime time per batch.
-    pub inference_duration: HistogramVec,
-    /// Rows per batch.
-    pub batch_rows: HistogramVec,
-    /// Requests per batch.
-    pub batch_requests: HistogramVec,
-    /// Rows waiting per queue (the autoscaling signal).
-    pub queue_rows: IntGaugeVec,
-    /// Requests being served.
+    requests: IntCounterVec,
+    rows: IntCounterVec,
+    request_duration: HistogramVec,
+    queue_duration: HistogramVec,
+    inference_duration: HistogramVec,
+    batch_rows: HistogramVec,
+    batch_requests: HistogramVec,
+    queue_rows: IntGaugeVec,
+    /// Inference requests being served.
     pub in_flight: IntGauge,
-    /// Rejected requests by reason.
-    pub rejections: IntCounterVec,
-    /// Seconds it took to load, check and warm a model.
-    pub model_load_duration: GaugeVec,
-    /// 1 per loaded model, with its family and execution provider.
-    pub model_info: IntGaugeVec,
-    /// Packages that failed to load.
+    rejections: IntCounterVec,
+    model_load_duration: GaugeVec,
+    model_info: IntGaugeVec,
+    /// Packages refused at load.
     pub model_load_failures: IntCounter,
-    /// Served log_prob values (score drift for anomaly dashboards).
-    pub log_prob: HistogramVec,
-    /// 1, labelled with the build's version.
-    pub build_info: IntGaugeVec,
+    log_prob: HistogramVec,
+}
+
+/// The series one queue (one graph of one model) updates.
+#[derive(Clone)]
+pub struct QueueMetrics {
+    /// Rows waiting.
+    pub queue_rows: IntGauge,
+    /// Wait before a request's last rows started running.
+    pub queue_duration: Histogram,
+    /// Engine time per batch.
+    pub inference_duration: Histogram,
+    /// Rows per batch.
+    pub batch_rows: Histogram,
+    /// Requests per batch.
+    pub batch_requests: Histogram,
+    /// Requests skipped because the client went away.
+    pub cancelled: IntCounter,
+}
+
+#[derive(Clone)]
+struct EndpointSeries {
+    ok: IntCounter,
+    rows_ok: IntCounter,
+    rows_error: IntCounter,
+    duration: Histogram,
+}
+
+/// Every series of one served model version, resolved at load.
+#[derive(Clone)]
+pub struct ModelMetrics {
+    name: String,
+    version: String,
+    requests: IntCounterVec,
+    endpoints: [EndpointSeries; 4],
+    queues: [QueueMetrics; 2],
+    rejections: [IntCounter; 5],
+    log_prob: Histogram,
+}
+
+impl ModelMetrics {
+    /// A request answered 200 with `rows` rows.
+    pub fn served(&self, endpoint: Endpoint, rows: usize, took: Duration) {
+        let s = &self.endpoints[endpoint as usize];
+        s.ok.inc();
+        s.rows_ok.inc_by(rows as u64);
+        s.duration.observe(took.as_secs_f64());
+    }
+
+    /// A request that failed with HTTP `code` after `rows` rows were admitted (0 if none).
+    pub fn failed(
+        &self,
+        endpoint: Endpoint,
+        code: &str,
+        rows: usize,
+        took: Duration,
+        why: Option<Rejection>,
+    ) {
+        let s = &self.endpoints[endpoint as usize];
+        self.requests
+            .with_label_values(&[&self.name, &self.version, endpoint.label(), code])
+            .inc();
+        s.rows_error.inc_by(rows as u64);
+        s.duration.observe(took.as_secs_f64());
+        if let Some(r) = why {
+            self.reject(r);
+        }
+    }
+
+    /// Counts one rejection.
+    pub fn reject(&self, why: Rejection) {
+        self.rejections[why as usize].inc();
+    }
+
+    /// The series of one graph's queue.
+    pub fn queue(&self, graph: Direction) -> QueueMetrics {
+        self.queues[graph.index()].clone()
+    }
+
+    /// Adds served log_prob values to the score-drift histogram.
+    pub fn observe_log_prob(&self, values: &[f32]) {
+        let local = self.log_prob.local();
+        for &v in values {
+            local.observe(v as f64);
+        }
+        local.flush();
+    }
+}
+
+/// Registers `c` and hands it back.
+fn reg<C: Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
 }
 
 fn latency(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -72,156 +204,197 @@ fn latency(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
         .expect("valid histogram")
 }
 
+fn sizes(name: &str, help: &str) -> HistogramVec {
+    let buckets = exponential_buckets(1.0, 2.0, 14).expect("valid buckets");
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets),
+        &["model", "version", "graph"],
+    )
+    .expect("valid histogram")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter")
+}
+
 impl Metrics {
-    /// Creates and registers every metric.
+    /// Creates and registers every family.
     pub fn new() -> Self {
-        let mv = ["model", "version"];
-        let sizes = exponential_buckets(1.0, 2.0, 14).expect("valid buckets");
+        let r = Registry::new_custom(Some("flowserve".into()), None).expect("valid registry");
+        let mvg = ["model", "version", "graph"];
         let lp_buckets = vec![
             -1e4, -3e3, -1e3, -300.0, -100.0, -50.0, -30.0, -20.0, -15.0, -10.0, -7.5, -5.0, -4.0,
             -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0,
         ];
-        let m = Metrics {
-            registry: Registry::new_custom(Some("flowserve".into()), None).expect("valid registry"),
-            requests: IntCounterVec::new(
-                Opts::new(
-                    "requests_total",
-                    "Inference requests by endpoint and HTTP status",
-                ),
-                &["model", "version", "endpoint", "code"],
-            )
-            .expect("valid"),
-            rows: IntCounterVec::new(
-                Opts::new("rows_total", "Rows by endpoint and outcome"),
-                &["model", "version", "endpoint", "outcome"],
-            )
-            .expect("valid"),
-            request_duration: latency(
-                "request_duration_seconds",
-                "Inference request latency, parse to response",
-                &["model", "version", "endpoint"],
-            ),
-            queue_duration: latency(
-                "queue_duration_seconds",
-                "Time a request waited in its queue",
-                &["model", "version", "graph"],
-            ),
-            inference_duration: latency(
-                "inference_duration_seconds",
-                "ONNX Runtime time per batch",
-                &["model", "version", "graph"],
-            ),
-            batch_rows: HistogramVec::new(
-                HistogramOpts::new("batch_rows", "Rows per batch").buckets(sizes.clone()),
-                &["model", "version", "graph"],
-            )
-            .expect("valid"),
-            batch_requests: HistogramVec::new(
-                HistogramOpts::new("batch_requests", "Requests per batch").buckets(sizes),
-                &["model", "version", "graph"],
-            )
-            .expect("valid"),
-            queue_rows: IntGaugeVec::new(
-                Opts::new("queue_rows", "Rows waiting per queue"),
-                &["model", "version", "graph"],
-            )
-            .expect("valid"),
-            in_flight: IntGauge::new("in_flight_requests", "Inference requests being served")
-                .expect("valid"),
-            rejections: IntCounterVec::new(
-                Opts::new("rejections_total", "Rejected requests by reason"),
-                &["model", "reason"],
-            )
-            .expect("valid"),
-            model_load_duration: GaugeVec::new(
-                Opts::new(
-                    "model_load_duration_seconds",
-                    "Time to load, check and warm a model",
-                ),
-                &mv,
-            )
-            .expect("valid"),
-            model_info: IntGaugeVec::new(
-                Opts::new("model_info", "Loaded models"),
-                &["model", "version", "family", "provider"],
-            )
-            .expect("valid"),
-            model_load_failures: IntCounter::new(
-                "model_load_failures_total",
-                "Packages refused at load",
-            )
-            .expect("valid"),
-            log_prob: HistogramVec::new(
-                HistogramOpts::new("log_prob", "Served log_prob values").buckets(lp_buckets),
-                &mv,
-            )
-            .expect("valid"),
-            build_info: IntGaugeVec::new(Opts::new("build_info", "flowserve build"), &["version"])
-                .expect("valid"),
-        };
-        let r = &m.registry;
-        r.register(Box::new(m.requests.clone())).expect("unique");
-        r.register(Box::new(m.rows.clone())).expect("unique");
-        r.register(Box::new(m.request_duration.clone()))
-            .expect("unique");
-        r.register(Box::new(m.queue_duration.clone()))
-            .expect("unique");
-        r.register(Box::new(m.inference_duration.clone()))
-            .expect("unique");
-        r.register(Box::new(m.batch_rows.clone())).expect("unique");
-        r.register(Box::new(m.batch_requests.clone()))
-            .expect("unique");
-        r.register(Box::new(m.queue_rows.clone())).expect("unique");
-        r.register(Box::new(m.in_flight.clone())).expect("unique");
-        r.register(Box::new(m.rejections.clone())).expect("unique");
-        r.register(Box::new(m.model_load_duration.clone()))
-            .expect("unique");
-        r.register(Box::new(m.model_info.clone())).expect("unique");
-        r.register(Box::new(m.model_load_failures.clone()))
-            .expect("unique");
-        r.register(Box::new(m.log_prob.clone())).expect("unique");
-        r.register(Box::new(m.build_info.clone())).expect("unique");
-        m.build_info
+        let build_info = reg(
+            &r,
+            IntGaugeVec::new(Opts::new("build_info", "flowserve build"), &["version"])
+                .expect("valid gauge"),
+        );
+        build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        m
+        Metrics {
+            requests: reg(
+                &r,
+                counter(
+                    "requests_total",
+                    "Inference requests by endpoint and HTTP status",
+                    &["model", "version", "endpoint", "code"],
+                ),
+            ),
+            rows: reg(
+                &r,
+                counter(
+                    "rows_total",
+                    "Rows by endpoint and outcome (ok: answered; error: admitted, then failed)",
+                    &["model", "version", "endpoint", "outcome"],
+                ),
+            ),
+            request_duration: reg(
+                &r,
+                latency(
+                    "request_duration_seconds",
+                    "Inference request latency, parse to response, every outcome",
+                    &["model", "version", "endpoint"],
+                ),
+            ),
+            queue_duration: reg(
+                &r,
+                latency(
+                    "queue_duration_seconds",
+                    "Time a request waited in its queue",
+                    &mvg,
+                ),
+            ),
+            inference_duration: reg(
+                &r,
+                latency(
+                    "inference_duration_seconds",
+                    "ONNX Runtime time per batch",
+                    &mvg,
+                ),
+            ),
+            batch_rows: reg(&r, sizes("batch_rows", "Rows per batch")),
+            batch_requests: reg(&r, sizes("batch_requests", "Requests per batch")),
+            queue_rows: reg(
+                &r,
+                IntGaugeVec::new(Opts::new("queue_rows", "Rows waiting per queue"), &mvg)
+                    .expect("valid gauge"),
+            ),
+            in_flight: reg(
+                &r,
+                IntGauge::new("in_flight_requests", "Inference requests being served")
+                    .expect("valid gauge"),
+            ),
+            rejections: reg(
+                &r,
+                counter(
+                    "rejections_total",
+                    "Rejected requests by reason",
+                    &["model", "reason"],
+                ),
+            ),
+            model_load_duration: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "model_load_duration_seconds",
+                        "Time to load, check and warm a model",
+                    ),
+                    &["model", "version"],
+                )
+                .expect("valid gauge"),
+            ),
+            model_info: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("model_info", "Loaded models"),
+                    &["model", "version", "family", "provider"],
+                )
+                .expect("valid gauge"),
+            ),
+            model_load_failures: reg(
+                &r,
+                IntCounter::new("model_load_failures_total", "Packages refused at load")
+                    .expect("valid counter"),
+            ),
+            log_prob: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new("log_prob", "Served log_prob values").buckets(lp_buckets),
+                    &["model", "version"],
+                )
+                .expect("valid histogram"),
+            ),
+            registry: r,
+        }
     }
 
-    /// Creates the zero-valued series of a loaded model, so dashboards see it at once.
-    pub fn register_model(&self, model: &str, version: &str) {
-        for e in ENDPOINTS {
-            self.requests.with_label_values(&[model, version, e, "200"]);
-            self.rows.with_label_values(&[model, version, e, "ok"]);
-            self.request_duration
-                .with_label_values(&[model, version, e]);
-        }
-        for g in GRAPHS {
-            self.queue_duration.with_label_values(&[model, version, g]);
-            self.inference_duration
-                .with_label_values(&[model, version, g]);
-            self.batch_rows.with_label_values(&[model, version, g]);
-            self.batch_requests.with_label_values(&[model, version, g]);
-            self.queue_rows.with_label_values(&[model, version, g]);
-        }
-        for r in REASONS {
-            self.rejections.with_label_values(&[model, r]);
-        }
-        self.log_prob.with_label_values(&[model, version]);
-    }
-
-    /// The series one endpoint of one model updates on every successful request, looked up
-    /// once at load so the hot path does no label hashing.
-    pub fn endpoint_series(&self, model: &str, version: &str, endpoint: &str) -> EndpointSeries {
-        EndpointSeries {
+    /// The series of a model version that finished loading in `load` on `providers`
+    /// (encode, decode), created at zero so dashboards see the model at once.
+    pub fn for_model(
+        &self,
+        name: &str,
+        version: u64,
+        family: &str,
+        providers: [Provider; 2],
+        load: Duration,
+    ) -> ModelMetrics {
+        let v = version.to_string();
+        let endpoint = |e: Endpoint| EndpointSeries {
             ok: self
                 .requests
-                .with_label_values(&[model, version, endpoint, "200"]),
-            rows: self
-                .rows
-                .with_label_values(&[model, version, endpoint, "ok"]),
+                .with_label_values(&[name, &v, e.label(), "200"]),
+            rows_ok: self.rows.with_label_values(&[name, &v, e.label(), "ok"]),
+            rows_error: self.rows.with_label_values(&[name, &v, e.label(), "error"]),
             duration: self
                 .request_duration
-                .with_label_values(&[model, version, endpoint]),
+                .with_label_values(&[name, &v, e.label()]),
+        };
+        let queue = |g: Direction| {
+            let l = [name, v.as_str(), g.as_str()];
+            QueueMetrics {
+                queue_rows: self.queue_rows.with_label_values(&l),
+                queue_duration: self.queue_duration.with_label_values(&l),
+                inference_duration: self.inference_duration.with_label_values(&l),
+                batch_rows: self.batch_rows.with_label_values(&l),
+                batch_requests: self.batch_requests.with_label_values(&l),
+                cancelled: self
+                    .rejections
+                    .with_label_values(&[name, Rejection::Cancelled.label()]),
+            }
+        };
+        let provider = if providers[0] == providers[1] {
+            providers[0].as_str().to_string()
+        } else {
+            format!("{}+{}", providers[0].as_str(), providers[1].as_str())
+        };
+        self.model_info
+            .with_label_values(&[name, &v, family, &provider])
+            .set(1);
+        self.model_load_duration
+            .with_label_values(&[name, &v])
+            .set(load.as_secs_f64());
+        ModelMetrics {
+            endpoints: Endpoint::ALL.map(endpoint),
+            queues: Direction::BOTH.map(queue),
+            rejections: Rejection::ALL
+                .map(|r| self.rejections.with_label_values(&[name, r.label()])),
+            log_prob: self.log_prob.with_label_values(&[name, &v]),
+            requests: self.requests.clone(),
+            name: name.to_string(),
+            version: v,
+        }
+    }
+
+    /// A request that failed before any model was resolved (labelled with an empty model).
+    pub fn failed_unresolved(&self, endpoint: Endpoint, code: &str, why: Option<Rejection>) {
+        self.requests
+            .with_label_values(&["", "", endpoint.label(), code])
+            .inc();
+        if let Some(r) = why {
+            self.rejections.with_label_values(&["", r.label()]).inc();
         }
     }
 

@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use flowpack::Direction::{Decode, Encode};
 use serde_json::{json, Value};
 
 fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
@@ -62,7 +63,7 @@ async fn endpoints_match_the_graphs_run_directly() {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let want = direct(&dir, "encode", "x", &x, &["z", "log_prob"]);
+        let want = direct(&dir, Encode, &x);
 
         let (s, lp) = server
             .post(
@@ -118,7 +119,7 @@ async fn endpoints_match_the_graphs_run_directly() {
         let z = flowpack::sampling::latent_noise(5, d, 0.7, 42);
         close(
             &floats(&a["samples"]),
-            &direct(&dir, "decode", "z", &z, &["x"])[0],
+            &direct(&dir, Decode, &z)[0],
             1e-5,
             "samples",
         );
@@ -178,7 +179,7 @@ async fn concurrent_single_rows_are_batched_and_answered_to_the_right_client() {
     let x: Vec<f32> = (0..clients * per_client * 2)
         .map(|i| ((i * 37 % 401) as f32 / 200.0) - 1.0)
         .collect();
-    let want = direct(&dir, "encode", "x", &x, &["log_prob"]).remove(0);
+    let want = direct(&dir, Encode, &x).remove(1);
     let mut tasks = Vec::new();
     for c in 0..clients {
         let server = server.clone();
@@ -817,7 +818,7 @@ async fn large_requests_are_split_across_batches_and_reassembled_in_order() {
     server.ready().await;
     let dir = repo.join("moons").join("1");
     let x: Vec<f32> = (0..2 * 50).map(|i| (i as f32 * 0.37).sin() * 1.5).collect();
-    let want = direct(&dir, "encode", "x", &x, &["z", "log_prob"]);
+    let want = direct(&dir, Encode, &x);
     let (s, v) = server
         .post(
             "/encode",
@@ -969,7 +970,7 @@ async fn sample_png_is_a_picture_of_the_grid() {
     for k in 0..3 {
         close(&cold[k * 64..(k + 1) * 64], &zero, 1e-6, "T = 0 sample");
     }
-    let direct_zero = direct(&repo.join("digits/1"), "decode", "z", &[0.0; 64], &["x"]);
+    let direct_zero = direct(&repo.join("digits/1"), Decode, &[0.0; 64]);
     close(&zero, &direct_zero[0], 1e-5, "decode(0) vs the graph");
 
     let (s, e) = server

@@ -19,8 +19,8 @@ pub mod sampling;
 
 pub use error::PackageError;
 pub use manifest::{
-    Base, Calibration, Cost, Dim, Domain, Graph, Graphs, Manifest, Metrics, Quantile, Quantized,
-    TensorSpec, Training, DECODE_FILE, ENCODE_FILE, MANIFEST_FILE,
+    signature, Base, Calibration, Cost, Dim, Direction, Domain, Graph, Graphs, Manifest, Metrics,
+    Quantile, Quantized, TensorSpec, Training, DECODE_FILE, ENCODE_FILE, MANIFEST_FILE,
 };
 pub use package::{sha256_hex, Package};
 

@@ -9,6 +9,44 @@ pub const ENCODE_FILE: &str = "encode.onnx";
 /// File name of the latent → data graph.
 pub const DECODE_FILE: &str = "decode.onnx";
 
+/// The graph signature's value names, written once: every exporter, loader and runner
+/// takes them from here.
+pub mod signature {
+    /// Data: the input of `encode.onnx` and the output of `decode.onnx`.
+    pub const DATA: &str = "x";
+    /// The latent: the first output of `encode.onnx` and the input of `decode.onnx`.
+    pub const LATENT: &str = "z";
+    /// The exact log-density of each row: the second output of `encode.onnx`.
+    pub const LOG_PROB: &str = "log_prob";
+}
+
+/// One of a package's two graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// data → latent and log_prob (`encode.onnx`).
+    Encode,
+    /// latent → data (`decode.onnx`).
+    Decode,
+}
+
+impl Direction {
+    /// Both, encode first.
+    pub const BOTH: [Direction; 2] = [Direction::Encode, Direction::Decode];
+
+    /// `encode` or `decode`, as file stems, logs and metric labels spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Encode => "encode",
+            Direction::Decode => "decode",
+        }
+    }
+
+    /// The position in [`Direction::BOTH`] (for per-graph arrays).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Everything a server or a person needs to know about an exported flow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,13 +89,21 @@ pub enum Base {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Graphs {
-    /// data → latent and log_prob: inputs `x`, outputs `z`, `log_prob`.
+    /// data → latent and log_prob: input `x`, outputs `z`, `log_prob` ([`signature`]).
     pub encode: Graph,
-    /// latent → data: input `z`, output `x`.
+    /// latent → data: input `z`, output `x` ([`signature`]).
     pub decode: Graph,
 }
 
 impl Graphs {
+    /// The graph of one direction.
+    pub fn get(&self, d: Direction) -> &Graph {
+        match d {
+            Direction::Encode => &self.encode,
+            Direction::Decode => &self.decode,
+        }
+    }
+
     /// The package signatures for `event`: `encode.onnx` maps `x[N, ...event]` to
     /// `z[N, ...event], log_prob[N]`, `decode.onnx` maps `z` to `x`.
     pub fn standard(
@@ -70,18 +116,18 @@ impl Graphs {
             encode: Graph {
                 file: ENCODE_FILE.into(),
                 sha256: encode_sha256,
-                inputs: vec![TensorSpec::batched("x", event)],
+                inputs: vec![TensorSpec::batched(signature::DATA, event)],
                 outputs: vec![
-                    TensorSpec::batched("z", event),
-                    TensorSpec::batched("log_prob", &[]),
+                    TensorSpec::batched(signature::LATENT, event),
+                    TensorSpec::batched(signature::LOG_PROB, &[]),
                 ],
                 cost: cost[0],
             },
             decode: Graph {
                 file: DECODE_FILE.into(),
                 sha256: decode_sha256,
-                inputs: vec![TensorSpec::batched("z", event)],
-                outputs: vec![TensorSpec::batched("x", event)],
+                inputs: vec![TensorSpec::batched(signature::LATENT, event)],
+                outputs: vec![TensorSpec::batched(signature::DATA, event)],
                 cost: cost[1],
             },
         }
@@ -135,6 +181,18 @@ pub enum Dim {
 }
 
 impl TensorSpec {
+    /// The dimensions after the batch axis (dynamic ones count as 1).
+    pub fn event(&self) -> Vec<usize> {
+        self.shape
+            .iter()
+            .skip(1)
+            .map(|d| match d {
+                Dim::Fixed(n) => *n,
+                Dim::Dynamic(_) => 1,
+            })
+            .collect()
+    }
+
     /// A tensor of shape `[N, ...event]`.
     pub fn batched(name: &str, event: &[usize]) -> Self {
         let mut shape = vec![Dim::Dynamic("N".into())];

@@ -1,95 +1,111 @@
-//! One error type for every failure a client can see: status + `{"error": {"type", "message"}}`.
+//! One error type for every failure a client can see: `{"error": {"type", "message"}}` with
+//! its status, `Retry-After` and rejection reason derived here, in one place.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::batcher::BatchError;
+use crate::metrics::Rejection;
 
-/// An error answered to a client.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Stable snake_case type.
-    pub kind: &'static str,
-    /// A sentence naming the field or the cause.
-    pub message: String,
-    /// Seconds for `Retry-After` (429, 503).
-    pub retry_after: Option<u32>,
+/// An error answered to a client; each variant holds a sentence naming the field or cause.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the body (or a header) is not what the endpoint reads.
+    #[error("{0}")]
+    Malformed(String),
+    /// 404: no such model.
+    #[error("no model named {0:?} is served; GET /v1/models lists them")]
+    UnknownModel(String),
+    /// 404: no such route.
+    #[error("{0}")]
+    NoRoute(String),
+    /// 405: the route exists for other methods.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// 413: too large.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 415: not JSON.
+    #[error("{0}")]
+    NotJson(String),
+    /// 422: well-formed but invalid values.
+    #[error("{0}")]
+    Invalid(String),
+    /// 429: the model's queue is full.
+    #[error("the queue is full ({queued} rows waiting, limit {limit}); retry later")]
+    Overloaded {
+        /// Rows waiting when the request came.
+        queued: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// 500: the engine failed on the batch holding the request's rows.
+    #[error("inference failed: {0}")]
+    Engine(String),
+    /// 503: not ready, draining, or shutting down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 504: the deadline passed.
+    #[error("the request's deadline passed while it waited in the queue")]
+    Deadline,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            kind,
-            message: message.into(),
-            retry_after: None,
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
+            ApiError::UnknownModel(_) | ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotJson(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Deadline => StatusCode::GATEWAY_TIMEOUT,
         }
     }
-    /// 400: the body is not what the endpoint reads.
-    pub fn malformed(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "malformed_request", m)
-    }
-    /// 404: no such model.
-    pub fn unknown_model(name: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!("no model named {name:?} is served; GET /v1/models lists them"),
-        )
-    }
-    /// 404: no such route.
-    pub fn not_found(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", m)
-    }
-    /// 413: too large.
-    pub fn too_large(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m)
-    }
-    /// 415: not JSON.
-    pub fn unsupported_media_type(m: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            m,
-        )
-    }
-    /// 422: well-formed but invalid values.
-    pub fn invalid(m: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", m)
-    }
-    /// 503: not ready or draining.
-    pub fn unavailable(m: impl Into<String>) -> Self {
-        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m);
-        e.retry_after = Some(1);
-        e
-    }
-    /// The `code` label for metrics.
-    pub fn code(&self) -> &'static str {
-        self.status.as_str_static()
-    }
-}
 
-trait StaticStatus {
-    fn as_str_static(&self) -> &'static str;
-}
+    /// The stable snake_case `type` clients match on.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::Malformed(_) => "malformed_request",
+            ApiError::UnknownModel(_) => "model_not_found",
+            ApiError::NoRoute(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::NotJson(_) => "unsupported_media_type",
+            ApiError::Invalid(_) => "invalid_input",
+            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::Engine(_) => "engine_error",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Deadline => "deadline_exceeded",
+        }
+    }
 
-impl StaticStatus for StatusCode {
-    fn as_str_static(&self) -> &'static str {
-        match self.as_u16() {
-            200 => "200",
-            400 => "400",
-            404 => "404",
-            413 => "413",
-            415 => "415",
-            422 => "422",
-            429 => "429",
-            500 => "500",
-            503 => "503",
-            504 => "504",
-            _ => "other",
+    /// The `reason` it is counted under in `rejections_total` (none for routing and
+    /// availability answers).
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            ApiError::Malformed(_)
+            | ApiError::UnknownModel(_)
+            | ApiError::TooLarge(_)
+            | ApiError::NotJson(_)
+            | ApiError::Invalid(_) => Some(Rejection::Invalid),
+            ApiError::Overloaded { .. } => Some(Rejection::Overloaded),
+            ApiError::Engine(_) => Some(Rejection::EngineError),
+            ApiError::Deadline => Some(Rejection::Timeout),
+            ApiError::NoRoute(_) | ApiError::MethodNotAllowed(_) | ApiError::Unavailable(_) => None,
+        }
+    }
+
+    /// Seconds a client should wait before retrying, when retrying can help.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            ApiError::Overloaded { .. } | ApiError::Unavailable(_) => Some(1),
+            _ => None,
         }
     }
 }
@@ -97,38 +113,43 @@ impl StaticStatus for StatusCode {
 impl From<BatchError> for ApiError {
     fn from(e: BatchError) -> Self {
         match e {
-            BatchError::Overloaded { .. } => {
-                let mut a = Self::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "overloaded",
-                    format!("{e}; retry later"),
-                );
-                a.retry_after = Some(1);
-                a
-            }
-            BatchError::Timeout => Self::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "deadline_exceeded",
-                e.to_string(),
-            ),
-            BatchError::Engine(_) => Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "engine_error",
-                e.to_string(),
-            ),
-            BatchError::Closed => Self::unavailable(e.to_string()),
+            BatchError::Overloaded { queued, limit } => ApiError::Overloaded { queued, limit },
+            BatchError::Timeout => ApiError::Deadline,
+            BatchError::Engine(m) => ApiError::Engine(m),
+            BatchError::Closed => ApiError::Unavailable(e.to_string()),
         }
     }
 }
 
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: &'a str,
+}
+
 impl IntoResponse for ApiError {
+    /// The JSON body and status; the response carries the error itself for the metrics
+    /// layer.
     fn into_response(self) -> Response {
-        let body = json!({"error": {"type": self.kind, "message": self.message}});
-        let mut r = (self.status, axum::Json(body)).into_response();
-        if let Some(s) = self.retry_after {
+        let message = self.to_string();
+        let body = Body {
+            error: Detail {
+                kind: self.kind(),
+                message: &message,
+            },
+        };
+        let mut r = (self.status(), axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after() {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
+        r.extensions_mut().insert(self);
         r
     }
 }

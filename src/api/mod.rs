@@ -1,25 +1,33 @@
-//! HTTP routes: parse → validate against the manifest → queue → respond. Handlers are thin;
-//! batching lives in [`crate::batcher`], models in [`crate::repository`].
+//! HTTP: routes, extractors, wire types, errors, and the metrics layer. A request flows
+//! [`extract`] (body, deadline) → [`handlers`] (model, checks) → the batcher → a response
+//! that the [`record`] layer measures.
 
+mod call;
 mod error;
+mod extract;
 mod handlers;
+mod record;
 pub mod wire;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
+use axum::handler::Handler;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post, MethodRouter};
-use axum::Router;
+use axum::{Extension, Router};
+
+pub use error::ApiError;
 
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Endpoint, Metrics};
 use crate::repository::Repository;
 
 /// What every handler shares.
 pub struct AppState {
-    /// Settings.
+    /// The server's settings.
     pub config: Config,
-    /// Metrics.
+    /// The metric families.
     pub metrics: Metrics,
     /// The loaded models, once loading has finished.
     pub repo: OnceLock<Repository>,
@@ -28,21 +36,47 @@ pub struct AppState {
     pub draining: AtomicBool,
 }
 
+/// An inference route: `handler` behind the metrics layer of `endpoint`.
+fn inference<H, T>(endpoint: Endpoint, handler: H) -> MethodRouter<Arc<AppState>>
+where
+    H: Handler<T, Arc<AppState>>,
+    T: 'static,
+{
+    post(handler).layer(from_fn_with_state(endpoint, record::record))
+}
+
 /// Every route of the wire contract: method, path and handler. `openapi.yaml` describes
 /// exactly these (a test keeps the two in step).
 pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)> {
     use handlers::*;
+    use Endpoint::*;
     vec![
-        ("POST", "/log_prob", post(log_prob)),
-        ("POST", "/encode", post(encode)),
-        ("POST", "/sample", post(sample)),
-        ("POST", "/decode", post(decode)),
+        ("POST", "/log_prob", inference(LogProb, log_prob)),
+        ("POST", "/encode", inference(Encode, encode)),
+        ("POST", "/sample", inference(Sample, sample)),
+        ("POST", "/decode", inference(Decode, decode)),
         ("GET", "/v1/models", get(list_models)),
         ("GET", "/v1/models/{name}", get(model_info)),
-        ("POST", "/v1/models/{name}/log_prob", post(log_prob_named)),
-        ("POST", "/v1/models/{name}/encode", post(encode_named)),
-        ("POST", "/v1/models/{name}/sample", post(sample_named)),
-        ("POST", "/v1/models/{name}/decode", post(decode_named)),
+        (
+            "POST",
+            "/v1/models/{name}/log_prob",
+            inference(LogProb, log_prob),
+        ),
+        (
+            "POST",
+            "/v1/models/{name}/encode",
+            inference(Encode, encode),
+        ),
+        (
+            "POST",
+            "/v1/models/{name}/sample",
+            inference(Sample, sample),
+        ),
+        (
+            "POST",
+            "/v1/models/{name}/decode",
+            inference(Decode, decode),
+        ),
         ("GET", "/healthz", get(healthz)),
         ("GET", "/readyz", get(readyz)),
         ("GET", "/metrics", get(metrics)),
@@ -58,5 +92,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .fallback(handlers::fallback)
         .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(Extension(state.clone()))
         .with_state(state)
 }

@@ -3,13 +3,9 @@
 
 use std::fmt;
 
-use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderMap};
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::ser::{SerializeSeq, Serializer};
 use serde::{Deserialize, Serialize};
-
-use super::error::ApiError;
 
 /// Deepest nesting a row may have ([C][H][W] is 3).
 const MAX_ROW_DEPTH: usize = 4;
@@ -21,105 +17,124 @@ pub struct Rows {
     pub values: Vec<f32>,
     /// Number of rows.
     pub count: usize,
-    /// Shape of each row (`[D]` or `[C, H, W]`).
+    /// Shape of each row (`[D]` or `[C, H, W]`; empty for bare numbers).
     pub row_shape: Vec<usize>,
 }
 
+/// The shape of a parsed element, without allocating: `dims[..len]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Shape {
+    dims: [usize; MAX_ROW_DEPTH + 1],
+    len: usize,
+}
+
+impl Shape {
+    fn as_slice(&self) -> &[usize] {
+        &self.dims[..self.len]
+    }
+
+    /// `[n, ...inner]`.
+    fn outer(n: usize, inner: Shape) -> Shape {
+        let mut s = Shape {
+            len: inner.len + 1,
+            ..Shape::default()
+        };
+        s.dims[0] = n;
+        s.dims[1..=inner.len].copy_from_slice(inner.as_slice());
+        s
+    }
+}
+
+/// One element of a request's array at `depth` (0: the array of rows itself): numbers go
+/// straight into `out`; the value is the element's shape.
 struct Element<'a> {
     out: &'a mut Vec<f32>,
     depth: usize,
 }
 
 impl<'de> DeserializeSeed<'de> for Element<'_> {
-    /// The shape of the element.
-    type Value = Vec<usize>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<usize>, D::Error> {
+    type Value = Shape;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Shape, D::Error> {
         d.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for Element<'_> {
-    type Value = Vec<usize>;
+    type Value = Shape;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a number or an array of numbers")
+        f.write_str(if self.depth == 0 {
+            "an array of rows"
+        } else {
+            "a number or an array of numbers"
+        })
     }
 
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Vec<usize>, E> {
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Shape, E> {
+        if self.depth == 0 {
+            return Err(E::invalid_type(de::Unexpected::Float(v), &self));
+        }
         if !v.is_finite() || v.abs() > f32::MAX as f64 {
             return Err(E::custom(format!("{v} is outside the float32 range")));
         }
         self.out.push(v as f32);
-        Ok(Vec::new())
+        Ok(Shape::default())
     }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Vec<usize>, E> {
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Shape, E> {
         self.visit_f64(v as f64)
     }
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Vec<usize>, E> {
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Shape, E> {
         self.visit_f64(v as f64)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<usize>, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
         if self.depth >= MAX_ROW_DEPTH {
             return Err(de::Error::custom(format!(
                 "arrays nested deeper than {MAX_ROW_DEPTH} levels"
             )));
         }
-        let mut first: Option<Vec<usize>> = None;
+        let mut first: Option<Shape> = None;
         let mut n = 0;
         while let Some(shape) = seq.next_element_seed(Element {
             out: &mut *self.out,
             depth: self.depth + 1,
         })? {
-            match &first {
+            match first {
                 None => first = Some(shape),
-                Some(f) if *f != shape => {
-                    return Err(de::Error::custom(format!(
-                        "ragged array: this element has shape {shape:?}, the first one {f:?}"
-                    )))
+                Some(f) if f != shape => {
+                    let (got, want) = (shape.as_slice(), f.as_slice());
+                    return Err(de::Error::custom(if self.depth == 0 {
+                        format!("row {n} has shape {got:?} but row 0 has {want:?}")
+                    } else {
+                        format!(
+                            "ragged array: this element has shape {got:?}, the first one {want:?}"
+                        )
+                    }));
                 }
                 Some(_) => {}
             }
             n += 1;
         }
-        let mut shape = vec![n];
-        shape.extend(first.unwrap_or_default());
-        Ok(shape)
+        Ok(Shape::outer(n, first.unwrap_or_default()))
     }
 }
 
 impl<'de> Deserialize<'de> for Rows {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Rows, D::Error> {
-        struct RowsVisitor;
-        impl<'de> Visitor<'de> for RowsVisitor {
-            type Value = Rows;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an array of rows")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Rows, A::Error> {
-                let mut rows = Rows::default();
-                let mut first: Option<Vec<usize>> = None;
-                while let Some(shape) = seq.next_element_seed(Element {
-                    out: &mut rows.values,
-                    depth: 1,
-                })? {
-                    match &first {
-                        None => first = Some(shape),
-                        Some(f) if *f != shape => {
-                            return Err(de::Error::custom(format!(
-                                "row {} has shape {shape:?} but row 0 has {f:?}",
-                                rows.count
-                            )))
-                        }
-                        Some(_) => {}
-                    }
-                    rows.count += 1;
-                }
-                rows.row_shape = first.unwrap_or_default();
-                Ok(rows)
-            }
-        }
-        d.deserialize_seq(RowsVisitor)
+        let mut values = Vec::new();
+        let shape = d.deserialize_seq(Element {
+            out: &mut values,
+            depth: 0,
+        })?;
+        let (count, row) = shape
+            .as_slice()
+            .split_first()
+            .expect("an array has a length");
+        Ok(Rows {
+            values,
+            count: *count,
+            row_shape: row.to_vec(),
+        })
     }
 }
 
@@ -170,106 +185,6 @@ pub enum SampleFormat {
     Png,
 }
 
-/// A request body that may name its model.
-pub trait NamesModel {
-    /// The `model` field.
-    fn model(&self) -> Option<&str>;
-}
-
-macro_rules! names_model {
-    ($($t:ty),*) => {$(impl NamesModel for $t {
-        fn model(&self) -> Option<&str> {
-            self.model.as_deref()
-        }
-    })*};
-}
-names_model!(InputsRequest, LatentsRequest, SampleRequest);
-
-/// Reads and parses a JSON body: 415 unless it is JSON, 413 past `limit` bytes, 400 for
-/// malformed JSON, 422 (naming the field) for values of the wrong type or shape.
-pub async fn parse_json<T: for<'de> Deserialize<'de>>(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<T, ApiError> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let mime = ct.split(';').next().unwrap_or("").trim();
-    if !(mime.eq_ignore_ascii_case("application/json")
-        || mime.to_ascii_lowercase().ends_with("+json"))
-    {
-        let got = if ct.is_empty() {
-            "none".to_string()
-        } else {
-            format!("{ct:?}")
-        };
-        return Err(ApiError::unsupported_media_type(format!(
-            "send the body as JSON with Content-Type: application/json (got {got})"
-        )));
-    }
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-    {
-        if len > limit {
-            return Err(ApiError::too_large(format!(
-                "the body has {len} bytes; the limit is {limit}"
-            )));
-        }
-    }
-    let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::too_large(format!(
-            "the body is larger than the limit of {limit} bytes"
-        ))
-    })?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::malformed("the body is empty; send a JSON object"));
-    }
-    // The fast path parses directly; only a failed parse is repeated with path tracking,
-    // so the error can name the element (`inputs[3][1]`).
-    match serde_json::from_slice::<T>(&bytes) {
-        Ok(value) => Ok(value),
-        Err(_) => Err(explain::<T>(&bytes)),
-    }
-}
-
-/// Re-parses a body that failed, to say where and why.
-fn explain<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> ApiError {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let e = match serde_path_to_error::deserialize::<_, T>(&mut de) {
-        Ok(_) => {
-            return match de.end() {
-                Ok(()) => ApiError::malformed("malformed JSON"),
-                Err(e) => ApiError::malformed(format!("malformed JSON: {e}")),
-            }
-        }
-        Err(e) => e,
-    };
-    let path = e.path().to_string();
-    let inner = e.into_inner();
-    let msg = inner.to_string();
-    let at = if path == "." || path.is_empty() {
-        String::new()
-    } else {
-        format!("{path}: ")
-    };
-    use serde_json::error::Category;
-    match inner.classify() {
-        _ if msg.starts_with("number out of range") => ApiError::invalid(format!(
-            "{at}a number is outside the float64 range ({msg}); values must be finite float32"
-        )),
-        _ if msg.starts_with("recursion limit exceeded") => {
-            ApiError::invalid(format!("{at}arrays are nested too deeply"))
-        }
-        Category::Data => ApiError::invalid(format!("{at}{msg}")),
-        Category::Syntax | Category::Eof | Category::Io => ApiError::malformed(format!(
-            "malformed JSON: {msg} (JSON has no NaN or Infinity; send finite numbers)"
-        )),
-    }
-}
-
 /// Rows of `data` nested by `event_shape`, for responses.
 pub struct RowsOut<'a> {
     /// Row-major values.
@@ -317,4 +232,64 @@ impl Serialize for RowsOut<'_> {
         }
         seq.end()
     }
+}
+
+/// `/log_prob`'s answer.
+#[derive(Serialize)]
+pub struct LogProbOut<'a> {
+    /// The model that answered.
+    pub model: &'a str,
+    /// Its version.
+    pub version: u64,
+    /// log p(x) per row, in nats.
+    pub log_prob: &'a [f32],
+}
+
+/// `/encode`'s answer.
+#[derive(Serialize)]
+pub struct EncodeOut<'a> {
+    /// The model that answered.
+    pub model: &'a str,
+    /// Its version.
+    pub version: u64,
+    /// z per row, shaped like the inputs.
+    pub latents: RowsOut<'a>,
+    /// log p(x) per row, in nats.
+    pub log_prob: &'a [f32],
+}
+
+/// `/decode`'s and `/sample`'s answer as numbers.
+#[derive(Serialize)]
+pub struct SamplesOut<'a> {
+    /// The model that answered.
+    pub model: &'a str,
+    /// Its version.
+    pub version: u64,
+    /// x per row, shaped by the event shape.
+    pub samples: RowsOut<'a>,
+    /// The seed of the latent noise (`/sample`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// The temperature it was drawn at (`/sample`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+}
+
+/// `/sample`'s answer as a picture, inside JSON.
+#[derive(Serialize)]
+pub struct PictureOut<'a> {
+    /// The model that answered.
+    pub model: &'a str,
+    /// Its version.
+    pub version: u64,
+    /// Always `png`.
+    pub format: &'static str,
+    /// The PNG file, base64.
+    pub png: String,
+    /// Samples per grid row.
+    pub columns: usize,
+    /// The seed of the latent noise.
+    pub seed: u64,
+    /// The temperature it was drawn at.
+    pub temperature: f64,
 }

@@ -5,17 +5,22 @@
 //! once: if the queue's waiting rows would exceed `max_queue_rows` the caller gets
 //! [`BatchError::Overloaded`]. The queue task packs waiting rows into batches of at most
 //! `max_batch_rows` (a larger request is split across batches and reassembled in order) and
-//! hands each to the engine through a channel of capacity one, so one batch waits while
-//! another runs. Entries whose client has gone, or whose deadline has passed, are skipped.
+//! hands each to the engine through a channel of capacity one, taking the engine's permit
+//! *before* forming the batch, so a batch holds whatever waited up to the moment the engine
+//! is free. Entries whose client has gone, or whose deadline has passed, are skipped.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+
+use crate::metrics::QueueMetrics;
+
+#[cfg(test)]
+mod tests;
 
 /// Why a submitted request produced no result.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -31,7 +36,7 @@ pub enum BatchError {
     /// The deadline passed before the rows were run.
     #[error("the request's deadline passed while it waited in the queue")]
     Timeout,
-    /// ONNX Runtime failed on the batch holding these rows.
+    /// The engine failed on the batch holding these rows.
     #[error("inference failed: {0}")]
     Engine(String),
     /// The server is shutting down and the queue is gone.
@@ -50,25 +55,6 @@ pub struct BatchConfig {
     pub max_delay: Duration,
 }
 
-/// The metric series of one queue.
-#[derive(Clone)]
-pub struct QueueMetrics {
-    /// Rows waiting.
-    pub queue_rows: IntGauge,
-    /// Wait before a request's last rows started running.
-    pub queue_duration: Histogram,
-    /// Engine time per batch.
-    pub inference_duration: Histogram,
-    /// Rows per batch.
-    pub batch_rows: Histogram,
-    /// Requests per batch.
-    pub batch_requests: Histogram,
-    /// Requests skipped because the client went away.
-    pub cancelled: IntCounter,
-    /// Requests whose deadline passed in the queue.
-    pub expired: IntCounter,
-}
-
 /// A request's results: one row-major buffer per graph output, and where its time went.
 #[derive(Debug)]
 pub struct Outputs {
@@ -82,40 +68,56 @@ pub struct Outputs {
 
 type Reply = oneshot::Sender<Result<Outputs, BatchError>>;
 
-/// State one request shares between the queue task and the engine thread.
+/// What one request's batches have produced so far.
+struct Progress {
+    /// Taken when the request is answered.
+    reply: Option<Reply>,
+    /// Per output, filled part by part (allocated by the first part of a split request).
+    out: Vec<Vec<f32>>,
+    remaining: usize,
+    queue_time: Duration,
+    inference_time: Duration,
+}
+
+/// A request as the queue task and the engine thread share it.
 struct Shared {
-    reply: Mutex<Option<Reply>>,
-    out: Mutex<Vec<Vec<f32>>>,
-    remaining: AtomicUsize,
-    queue_us: AtomicU64,
-    inference_us: AtomicU64,
+    rows: usize,
+    progress: Mutex<Progress>,
 }
 
 impl Shared {
-    fn answer(&self, result: Result<Outputs, BatchError>) {
-        if let Some(tx) = self.reply.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    fn lock(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Progress {
+    fn answer(&mut self, result: Result<Outputs, BatchError>) {
+        if let Some(tx) = self.reply.take() {
             let _ = tx.send(result);
         }
     }
 
+    /// Whether nobody waits for the answer any more.
     fn gone(&self) -> bool {
-        self.reply
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_none_or(|tx| tx.is_closed())
+        self.reply.as_ref().is_none_or(|tx| tx.is_closed())
     }
 }
 
 struct Pending {
     input: Vec<f32>,
-    rows: usize,
     taken: usize,
     enqueued: Instant,
     deadline: Instant,
     shared: Arc<Shared>,
 }
 
+enum Msg {
+    Submit(Pending),
+    Close,
+}
+
+/// Rows `entry_row..entry_row + rows` of one request, at `batch_row` of a batch.
 struct Part {
     shared: Arc<Shared>,
     entry_row: usize,
@@ -135,52 +137,78 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Hands each request its slice of the engine's outputs (or the engine's error) and
-    /// answers the requests whose last rows these were.
+    /// Hands each request its rows of the engine's outputs (or the engine's error) and
+    /// answers the requests whose last rows these were. A request that is the whole batch
+    /// takes the output buffers as they are.
     pub fn complete(self, result: Result<Vec<Vec<f32>>, String>, took: Duration) {
-        self.metrics.inference_duration.observe(took.as_secs_f64());
-        self.metrics.batch_rows.observe(self.rows as f64);
-        self.metrics.batch_requests.observe(self.parts.len() as f64);
-        let outs = match result {
-            Ok(outs) => outs,
-            Err(e) => {
-                for p in &self.parts {
-                    p.shared.answer(Err(BatchError::Engine(e.clone())));
-                }
-                return;
+        let m = &self.metrics;
+        m.inference_duration.observe(took.as_secs_f64());
+        m.batch_rows.observe(self.rows as f64);
+        m.batch_requests.observe(self.parts.len() as f64);
+        let mut outs = match result {
+            Ok(outs) if outs.len() == self.widths.len() => outs,
+            Ok(outs) => {
+                let e = format!(
+                    "the graph gave {} outputs, not {}",
+                    outs.len(),
+                    self.widths.len()
+                );
+                return self.fail(e);
             }
+            Err(e) => return self.fail(e),
         };
-        let us = took.as_micros() as u64;
-        for p in self.parts {
-            {
-                let mut out = p.shared.out.lock().unwrap_or_else(|e| e.into_inner());
-                for (k, &w) in self.widths.iter().enumerate() {
-                    let src = &outs[k][p.batch_row * w..(p.batch_row + p.rows) * w];
-                    out[k][p.entry_row * w..(p.entry_row + p.rows) * w].copy_from_slice(src);
-                }
+        let whole = self.parts.len() == 1 && self.parts[0].shared.rows == self.rows;
+        for p in &self.parts {
+            let mut g = p.shared.lock();
+            if g.reply.is_none() {
+                continue;
             }
-            p.shared.inference_us.fetch_add(us, Ordering::Relaxed);
-            if p.shared.remaining.fetch_sub(p.rows, Ordering::AcqRel) == p.rows {
-                let values =
-                    std::mem::take(&mut *p.shared.out.lock().unwrap_or_else(|e| e.into_inner()));
-                p.shared.answer(Ok(Outputs {
-                    values,
-                    queue_time: Duration::from_micros(p.shared.queue_us.load(Ordering::Relaxed)),
-                    inference_time: Duration::from_micros(
-                        p.shared.inference_us.load(Ordering::Relaxed),
-                    ),
-                }));
+            g.inference_time += took;
+            if whole {
+                let values = std::mem::take(&mut outs);
+                answer_ok(&mut g, values);
+                continue;
             }
+            if g.out.is_empty() {
+                g.out = self
+                    .widths
+                    .iter()
+                    .map(|w| vec![0f32; p.shared.rows * w])
+                    .collect();
+            }
+            for (k, &w) in self.widths.iter().enumerate() {
+                let src = &outs[k][p.batch_row * w..(p.batch_row + p.rows) * w];
+                g.out[k][p.entry_row * w..(p.entry_row + p.rows) * w].copy_from_slice(src);
+            }
+            g.remaining -= p.rows;
+            if g.remaining == 0 {
+                let values = std::mem::take(&mut g.out);
+                answer_ok(&mut g, values);
+            }
+        }
+    }
+
+    fn fail(self, e: String) {
+        for p in &self.parts {
+            p.shared.lock().answer(Err(BatchError::Engine(e.clone())));
         }
     }
 }
 
+fn answer_ok(g: &mut Progress, values: Vec<Vec<f32>>) {
+    let (queue_time, inference_time) = (g.queue_time, g.inference_time);
+    g.answer(Ok(Outputs {
+        values,
+        queue_time,
+        inference_time,
+    }));
+}
+
 /// The submitting side of one queue.
 pub struct Batcher {
-    tx: mpsc::UnboundedSender<Pending>,
+    tx: mpsc::UnboundedSender<Msg>,
     queued: Arc<AtomicUsize>,
     config: BatchConfig,
-    widths: Arc<[usize]>,
     event_size: usize,
     metrics: QueueMetrics,
 }
@@ -192,20 +220,20 @@ impl Batcher {
         engine: mpsc::Sender<Batch>,
         config: BatchConfig,
         event_size: usize,
-        widths: Vec<usize>,
+        widths: &[usize],
         metrics: QueueMetrics,
     ) -> Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        let widths: Arc<[usize]> = widths.into();
         let task = QueueTask {
             rx,
             engine,
             queue: VecDeque::new(),
+            waiting: 0,
             queued: queued.clone(),
             config,
             event_size,
-            widths: widths.clone(),
+            widths: widths.into(),
             metrics: metrics.clone(),
         };
         tokio::spawn(task.run());
@@ -213,20 +241,15 @@ impl Batcher {
             tx,
             queued,
             config,
-            widths,
             event_size,
             metrics,
         }
     }
 
-    /// Queues `rows` rows (`input` is row-major) and waits for their outputs. Fails at once
-    /// with [`BatchError::Overloaded`] when the queue has no room.
-    pub async fn submit(
-        &self,
-        input: Vec<f32>,
-        rows: usize,
-        deadline: Instant,
-    ) -> Result<Outputs, BatchError> {
+    /// Queues `input` (row-major, whole rows) and waits for the outputs. Fails at once with
+    /// [`BatchError::Overloaded`] when the queue has no room.
+    pub async fn submit(&self, input: Vec<f32>, deadline: Instant) -> Result<Outputs, BatchError> {
+        let rows = input.len() / self.event_size;
         debug_assert_eq!(input.len(), rows * self.event_size);
         let limit = self.config.max_queue_rows;
         let before = self.queued.fetch_add(rows, Ordering::AcqRel);
@@ -240,33 +263,43 @@ impl Batcher {
         self.metrics.queue_rows.add(rows as i64);
         let (reply, rx) = oneshot::channel();
         let shared = Arc::new(Shared {
-            reply: Mutex::new(Some(reply)),
-            out: Mutex::new(self.widths.iter().map(|w| vec![0f32; rows * w]).collect()),
-            remaining: AtomicUsize::new(rows),
-            queue_us: AtomicU64::new(0),
-            inference_us: AtomicU64::new(0),
+            rows,
+            progress: Mutex::new(Progress {
+                reply: Some(reply),
+                out: Vec::new(),
+                remaining: rows,
+                queue_time: Duration::ZERO,
+                inference_time: Duration::ZERO,
+            }),
         });
         let pending = Pending {
             input,
-            rows,
             taken: 0,
             enqueued: Instant::now(),
             deadline,
             shared,
         };
-        if self.tx.send(pending).is_err() {
+        if self.tx.send(Msg::Submit(pending)).is_err() {
             self.queued.fetch_sub(rows, Ordering::AcqRel);
             self.metrics.queue_rows.sub(rows as i64);
             return Err(BatchError::Closed);
         }
         rx.await.unwrap_or(Err(BatchError::Closed))
     }
+
+    /// Stops the queue: what still waits is answered [`BatchError::Closed`], the engine's
+    /// channel is dropped (its thread ends after the batch it runs), later submissions fail.
+    pub fn close(&self) {
+        let _ = self.tx.send(Msg::Close);
+    }
 }
 
 struct QueueTask {
-    rx: mpsc::UnboundedReceiver<Pending>,
+    rx: mpsc::UnboundedReceiver<Msg>,
     engine: mpsc::Sender<Batch>,
     queue: VecDeque<Pending>,
+    /// Rows in `queue` not yet handed to a batch.
+    waiting: usize,
     queued: Arc<AtomicUsize>,
     config: BatchConfig,
     event_size: usize,
@@ -274,91 +307,146 @@ struct QueueTask {
     metrics: QueueMetrics,
 }
 
+/// What the queue task does next.
+enum Next {
+    Batch,
+    Stop,
+}
+
 impl QueueTask {
-    fn drain(&mut self) {
-        while let Ok(p) = self.rx.try_recv() {
-            self.queue.push_back(p);
+    /// Takes a message; false when the queue must stop.
+    fn accept(&mut self, msg: Option<Msg>) -> bool {
+        match msg {
+            Some(Msg::Submit(p)) => {
+                self.waiting += p.shared.rows;
+                self.queue.push_back(p);
+                true
+            }
+            Some(Msg::Close) | None => false,
         }
     }
 
-    fn waiting_rows(&self) -> usize {
-        self.queue.iter().map(|p| p.rows - p.taken).sum()
+    /// Takes every message already sent.
+    fn drain(&mut self) -> bool {
+        while let Ok(msg) = self.rx.try_recv() {
+            if !self.accept(Some(msg)) {
+                return false;
+            }
+        }
+        true
     }
 
-    fn release(&self, rows: usize) {
+    fn release(&mut self, rows: usize) {
+        self.waiting -= rows;
         self.queued.fetch_sub(rows, Ordering::AcqRel);
         self.metrics.queue_rows.sub(rows as i64);
+    }
+
+    /// Waits until there is something to run (and, with a delay, until the batch is full
+    /// or the oldest entry has waited long enough).
+    async fn wait(&mut self) -> Next {
+        if self.queue.is_empty() {
+            let msg = self.rx.recv().await;
+            if !self.accept(msg) {
+                return Next::Stop;
+            }
+        }
+        if !self.drain() {
+            return Next::Stop;
+        }
+        if !self.config.max_delay.is_zero() {
+            let until = self.queue.front().map_or_else(Instant::now, |p| p.enqueued)
+                + self.config.max_delay;
+            while self.waiting < self.config.max_batch_rows {
+                tokio::select! {
+                    msg = self.rx.recv() => if !self.accept(msg) { return Next::Stop },
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+        }
+        Next::Batch
     }
 
     async fn run(mut self) {
         let engine = self.engine.clone();
         loop {
-            if self.queue.is_empty() {
-                match self.rx.recv().await {
-                    Some(p) => self.queue.push_back(p),
-                    None => return,
-                }
+            if let Next::Stop = self.wait().await {
+                break;
             }
-            self.drain();
-            if !self.config.max_delay.is_zero() {
-                let until = self
-                    .queue
-                    .front()
-                    .map(|p| p.enqueued)
-                    .unwrap_or_else(Instant::now)
-                    + self.config.max_delay;
-                while self.waiting_rows() < self.config.max_batch_rows {
-                    tokio::select! {
-                        p = self.rx.recv() => match p {
-                            Some(p) => self.queue.push_back(p),
-                            None => break,
-                        },
-                        _ = tokio::time::sleep_until(until) => break,
-                    }
-                }
-            }
-            let permit = match engine.reserve().await {
-                Ok(permit) => permit,
-                Err(_) => {
-                    for p in self.queue.drain(..) {
-                        p.shared.answer(Err(BatchError::Closed));
-                    }
-                    return;
+            // The engine's permit first (late binding); keep taking messages meanwhile.
+            let permit = loop {
+                tokio::select! {
+                    biased;
+                    p = engine.reserve() => break p.ok(),
+                    msg = self.rx.recv() => if !self.accept(msg) { break None },
                 }
             };
-            self.drain();
+            let Some(permit) = permit else {
+                break;
+            };
+            if !self.drain() {
+                break;
+            }
             if let Some(batch) = self.form_batch() {
                 permit.send(batch);
             }
         }
+        // Closed: refuse what comes, answer what waits.
+        self.rx.close();
+        while let Ok(msg) = self.rx.try_recv() {
+            self.accept(Some(msg));
+        }
+        for p in self.queue.drain(..) {
+            p.shared.lock().answer(Err(BatchError::Closed));
+        }
+        let left = self.waiting;
+        self.release(left);
     }
 
     fn form_batch(&mut self) -> Option<Batch> {
         let max = self.config.max_batch_rows;
         let es = self.event_size;
         let now = Instant::now();
-        let mut input = Vec::with_capacity(max.min(self.waiting_rows()) * es);
+        let mut input: Vec<f32> = Vec::new();
         let mut parts = Vec::new();
         let mut rows = 0;
         while rows < max {
             let Some(front) = self.queue.front_mut() else {
                 break;
             };
-            let left = front.rows - front.taken;
-            let expired = now >= front.deadline;
-            if expired || front.shared.gone() {
-                let p = self.queue.pop_front().expect("front exists");
-                self.release(left);
-                if expired {
-                    self.metrics.expired.inc();
-                    p.shared.answer(Err(BatchError::Timeout));
+            let left = front.shared.rows - front.taken;
+            let waited = now - front.enqueued;
+            let skip = {
+                let mut g = front.shared.lock();
+                if now >= front.deadline {
+                    // Answered here (the handler's own timer may have answered first).
+                    g.answer(Err(BatchError::Timeout));
+                    Some(false)
+                } else if g.gone() {
+                    Some(true)
                 } else {
+                    g.queue_time = g.queue_time.max(waited);
+                    None
+                }
+            };
+            if let Some(cancelled) = skip {
+                self.queue.pop_front();
+                self.release(left);
+                if cancelled {
                     self.metrics.cancelled.inc();
                 }
                 continue;
             }
             let take = left.min(max - rows);
-            input.extend_from_slice(&front.input[front.taken * es..(front.taken + take) * es]);
+            if rows == 0 && take == front.input.len() / es {
+                // A whole request opens the batch: its rows become the batch's buffer.
+                input = std::mem::take(&mut front.input);
+            } else {
+                if input.capacity() == 0 {
+                    input.reserve(max.min(self.waiting) * es);
+                }
+                input.extend_from_slice(&front.input[front.taken * es..(front.taken + take) * es]);
+            }
             parts.push(Part {
                 shared: front.shared.clone(),
                 entry_row: front.taken,
@@ -367,12 +455,7 @@ impl QueueTask {
             });
             front.taken += take;
             rows += take;
-            let waited = now - front.enqueued;
-            front
-                .shared
-                .queue_us
-                .fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
-            let done = front.taken == front.rows;
+            let done = front.taken == front.shared.rows;
             self.release(take);
             if done {
                 self.metrics.queue_duration.observe(waited.as_secs_f64());

@@ -163,25 +163,12 @@ impl Drop for Server {
     }
 }
 
-/// Runs a package graph directly through ONNX Runtime.
-pub fn direct(
-    dir: &Path,
-    graph: &str,
-    input: &str,
-    data: &[f32],
-    outputs: &[&str],
-) -> Vec<Vec<f32>> {
+/// Runs a package graph directly through ONNX Runtime: every output, row-major.
+pub fn direct(dir: &Path, graph: flowpack::Direction, data: &[f32]) -> Vec<Vec<f32>> {
     let p = flowpack::Package::open(dir).unwrap();
-    let file = if graph == "encode" {
-        &p.manifest.graphs.encode.file
-    } else {
-        &p.manifest.graphs.decode.file
-    };
-    let mut s = flowpack::runtime::session(&std::fs::read(p.path(file)).unwrap()).unwrap();
-    let d = p.event_size();
-    let mut shape = vec![data.len() / d];
-    shape.extend(&p.manifest.event_shape);
-    flowpack::runtime::run(&mut s, input, data, &shape, outputs).unwrap()
+    let options = flowpack::runtime::SessionOptions::default();
+    let mut s = flowpack::runtime::GraphSession::open(&p, graph, &options).unwrap();
+    s.run(data).unwrap()
 }
 
 pub fn floats(v: &serde_json::Value) -> Vec<f32> {

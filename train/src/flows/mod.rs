@@ -4,6 +4,7 @@
 
 use candle_core::{Result, Tensor};
 use flowpack::onnx::ModelProto;
+use flowpack::signature::{DATA, LATENT, LOG_PROB};
 use flowpack::Cost;
 
 use crate::bijectors::{BatchNorm, Bijector, ElementwiseAffine, LogDet, Logit};
@@ -216,7 +217,7 @@ impl Flow {
     pub fn encode_graph(&self, name: &str) -> Result<ModelProto> {
         let mut g = Graph::new();
         let event = self.event.clone();
-        let x = g.input("x", &event);
+        let x = g.input(DATA, &event);
         let mut z = x;
         let mut constant = -0.5 * self.dim as f64 * LN_2PI;
         let mut rows = Vec::new();
@@ -237,8 +238,8 @@ impl Flow {
         for r in rows {
             lp = g.add(&lp, &r);
         }
-        g.output(&z, "z", &event);
-        g.output(&lp, "log_prob", &[]);
+        g.output(&z, LATENT, &event);
+        g.output(&lp, LOG_PROB, &[]);
         Ok(g.finish(
             &format!("{name}_encode"),
             "data → latent and exact log-density under a standard normal base",
@@ -249,11 +250,11 @@ impl Flow {
     pub fn decode_graph(&self, name: &str) -> Result<ModelProto> {
         let mut g = Graph::new();
         let event = self.event.clone();
-        let mut x = g.input("z", &event);
+        let mut x = g.input(LATENT, &event);
         for l in self.layers.iter().rev() {
             x = l.emit_decode(&mut g, &x)?;
         }
-        g.output(&x, "x", &event);
+        g.output(&x, DATA, &event);
         Ok(g.finish(&format!("{name}_decode"), "latent → data"))
     }
 }

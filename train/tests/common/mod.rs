@@ -2,10 +2,12 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor, Var};
+use flowpack::runtime::{GraphSession, SessionOptions};
+use flowpack::signature::{DATA, LATENT};
+use flowpack::TensorSpec;
 use flowtrain::bijectors::{Bijector, LogDet};
 use flowtrain::onnx::Graph;
 use flowtrain::params::Params;
-use flowtrain::runtime;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -110,6 +112,12 @@ pub fn onnx_encode(b: &dyn Bijector, x: &[f32], event: &[usize]) -> (Vec<f32>, V
     onnx_encode_to(b, x, event, event)
 }
 
+/// A CPU session over a graph built here.
+fn session(g: Graph, input: TensorSpec, outputs: &[TensorSpec]) -> GraphSession {
+    let bytes = g.finish("test", "").encode_to_vec();
+    GraphSession::new(&bytes, &input, outputs, &SessionOptions::default()).unwrap()
+}
+
 /// [`onnx_encode`] for a bijector that changes the event shape (squeeze).
 pub fn onnx_encode_to(
     b: &dyn Bijector,
@@ -119,34 +127,27 @@ pub fn onnx_encode_to(
 ) -> (Vec<f32>, Vec<f32>) {
     let d: usize = event.iter().product();
     let mut g = Graph::new();
-    let input = g.input("x", event);
+    let input = g.input(DATA, event);
     let (z, ld) = b.emit_encode(&mut g, &input).unwrap();
-    g.output(&z, "z", out_event);
+    g.output(&z, LATENT, out_event);
+    let mut outputs = vec![TensorSpec::batched(LATENT, out_event)];
     let constant = match ld {
         LogDet::Const(c) => Some(c),
         LogDet::Rows(v) => {
             g.output(&v, "log_det", &[]);
+            outputs.push(TensorSpec::batched("log_det", &[]));
             None
         }
     };
-    let bytes = g.finish("test", "").encode_to_vec();
-    let mut s = runtime::session(&bytes).unwrap();
+    let mut out = session(g, TensorSpec::batched(DATA, event), &outputs)
+        .run(x)
+        .unwrap();
     let n = x.len() / d;
-    let mut shape = vec![n];
-    shape.extend_from_slice(event);
-    match constant {
-        Some(c) => {
-            let z = runtime::run(&mut s, "x", x, &shape, &["z"])
-                .unwrap()
-                .remove(0);
-            (z, vec![c as f32; n])
-        }
-        None => {
-            let mut out = runtime::run(&mut s, "x", x, &shape, &["z", "log_det"]).unwrap();
-            let ld = out.pop().unwrap();
-            (out.pop().unwrap(), ld)
-        }
-    }
+    let ld = match constant {
+        Some(c) => vec![c as f32; n],
+        None => out.pop().unwrap(),
+    };
+    (out.pop().unwrap(), ld)
 }
 
 /// Runs a bijector's emitted decode graph.
@@ -162,15 +163,12 @@ pub fn onnx_decode_from(
     event: &[usize],
 ) -> Vec<f32> {
     let mut g = Graph::new();
-    let input = g.input("z", z_event);
+    let input = g.input(LATENT, z_event);
     let x = b.emit_decode(&mut g, &input).unwrap();
-    g.output(&x, "x", event);
-    let bytes = g.finish("test", "").encode_to_vec();
-    let mut s = runtime::session(&bytes).unwrap();
-    let d: usize = z_event.iter().product();
-    let mut shape = vec![z.len() / d];
-    shape.extend_from_slice(z_event);
-    runtime::run(&mut s, "z", z, &shape, &["x"])
+    g.output(&x, DATA, event);
+    let outputs = [TensorSpec::batched(DATA, event)];
+    session(g, TensorSpec::batched(LATENT, z_event), &outputs)
+        .run(z)
         .unwrap()
         .remove(0)
 }

@@ -1,0 +1,67 @@
+//! Engine threads: each graph runs on a dedicated OS thread (never on the async runtime's
+//! workers) that takes batches from a channel of capacity one, so one batch waits while
+//! another runs, and hands each batch's outputs back through [`Batch::complete`].
+
+use std::panic::AssertUnwindSafe;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use flowpack::runtime::GraphSession;
+use tokio::sync::mpsc;
+
+use crate::batcher::Batch;
+
+/// A running engine thread: the channel that feeds it and its handle, joined at shutdown.
+pub struct Engine {
+    /// Batches to run; the thread ends when every sender is dropped.
+    pub batches: mpsc::Sender<Batch>,
+    /// The thread.
+    pub thread: JoinHandle<()>,
+}
+
+impl Engine {
+    /// Starts a thread named `name` that runs every batch through `run` (row-major input →
+    /// one row-major buffer per output). A panic in `run` fails that batch only.
+    pub fn spawn<F>(name: &str, mut run: F) -> std::io::Result<Engine>
+    where
+        F: FnMut(&[f32]) -> Result<Vec<Vec<f32>>, String> + Send + 'static,
+    {
+        let (batches, mut rx) = mpsc::channel::<Batch>(1);
+        let thread = std::thread::Builder::new()
+            .name(format!("engine-{name}"))
+            .spawn(move || {
+                while let Some(batch) = rx.blocking_recv() {
+                    let started = Instant::now();
+                    // ONNX Runtime should never panic, but an engine thread must outlive any
+                    // one batch.
+                    let result = std::panic::catch_unwind(AssertUnwindSafe(|| run(&batch.input)))
+                        .unwrap_or_else(|_| Err("the engine panicked on this batch".into()));
+                    batch.complete(result, started.elapsed());
+                }
+            })?;
+        Ok(Engine { batches, thread })
+    }
+
+    /// An engine over a graph session.
+    pub fn start(mut session: GraphSession, name: &str) -> std::io::Result<Engine> {
+        Engine::spawn(name, move |rows| {
+            session.run(rows).map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Runs zeros through `session` at batch sizes 1 and `max_rows`, so the first client does
+/// not pay for allocation and kernel selection. Fails if the graph does not run or returns
+/// non-finite values.
+pub fn warm_up(session: &mut GraphSession, max_rows: usize) -> Result<(), String> {
+    let width = session.input_width();
+    for rows in [1, max_rows.max(1)] {
+        let out = session
+            .run(&vec![0f32; rows * width])
+            .map_err(|e| e.to_string())?;
+        if out.iter().flatten().any(|v| !v.is_finite()) {
+            return Err("warm-up on zeros returned non-finite values".into());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,286 @@
+//! The model repository: `<dir>/<model>/<version>/flow.json`. Each model's highest version
+//! that passes flowpack's checks, loads into ONNX Runtime and warms up is served; every
+//! package refused on the way is reported with its reason and stops no other model. Models
+//! load concurrently.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use flowpack::runtime::{GraphSession, Provider, SessionOptions};
+use flowpack::{Cost, Direction, Package};
+use serde::Serialize;
+
+use crate::batcher::{BatchConfig, Batcher};
+use crate::engine::{warm_up, Engine};
+use crate::metrics::{Metrics, ModelMetrics};
+
+/// A served model version.
+pub struct Model {
+    /// Name clients use (the folder name).
+    pub name: String,
+    /// Version served (the folder name).
+    pub version: u64,
+    /// The checked package.
+    pub package: Package,
+    /// Scalars per example.
+    pub event_size: usize,
+    /// Providers the two sessions run on (encode, decode).
+    pub providers: [Provider; 2],
+    /// Its metric series.
+    pub metrics: ModelMetrics,
+    queues: [Batcher; 2],
+    engines: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Model {
+    /// The queue of one graph (`/log_prob` and `/encode` use encode, `/sample` and
+    /// `/decode` decode).
+    pub fn queue(&self, graph: Direction) -> &Batcher {
+        &self.queues[graph.index()]
+    }
+}
+
+/// A package that was refused.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadFailure {
+    /// Model folder name.
+    pub model: String,
+    /// Version folder, when the failure is about one.
+    pub version: Option<u64>,
+    /// Why, as a sentence.
+    pub reason: String,
+}
+
+/// What was loaded.
+#[derive(Default)]
+pub struct Repository {
+    /// Served models by name.
+    pub models: BTreeMap<String, Arc<Model>>,
+    /// Refused packages.
+    pub failures: Vec<LoadFailure>,
+}
+
+/// How models are loaded.
+#[derive(Clone)]
+pub struct LoadOptions {
+    /// ONNX Runtime session settings.
+    pub session: SessionOptions,
+    /// Queue settings.
+    pub batch: BatchConfig,
+}
+
+/// Whether `name` may be a model name in URLs and folders.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn versions(dir: &Path) -> Vec<u64> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()))
+        .filter(|&v| v > 0)
+        .collect();
+    v.sort_unstable_by(|a, b| b.cmp(a));
+    v
+}
+
+/// A package with both graphs in warmed sessions.
+struct Opened {
+    package: Package,
+    sessions: [GraphSession; 2],
+}
+
+/// Checks the package and builds and warms both sessions (blocking work).
+fn open(dir: &Path, options: &LoadOptions) -> Result<Opened, String> {
+    let package = Package::open(dir).map_err(|e| e.to_string())?;
+    let session = |d: Direction| -> Result<GraphSession, String> {
+        let graph = package.manifest.graphs.get(d);
+        let path = package.path(&graph.file);
+        let mut s = GraphSession::open(&package, d, &options.session)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        // Sequential graphs cost one pass per dimension: warm them with small batches.
+        let rows = match graph.cost {
+            Cost::Sequential => 8,
+            Cost::OnePass => options.batch.max_batch_rows,
+        };
+        warm_up(&mut s, rows).map_err(|e| format!("{}: warm-up failed: {e}", path.display()))?;
+        Ok(s)
+    };
+    let sessions = [session(Direction::Encode)?, session(Direction::Decode)?];
+    Ok(Opened { package, sessions })
+}
+
+/// Loads one version: open it on a blocking thread, then start its engines and queues.
+async fn load_version(
+    name: &str,
+    version: u64,
+    dir: PathBuf,
+    options: &LoadOptions,
+    metrics: &Metrics,
+) -> Result<Model, String> {
+    let started = Instant::now();
+    let opts = options.clone();
+    let Opened { package, sessions } = tokio::task::spawn_blocking(move || open(&dir, &opts))
+        .await
+        .map_err(|e| format!("loading panicked: {e}"))??;
+    let providers = [sessions[0].provider, sessions[1].provider];
+    for (graph, s) in Direction::BOTH.iter().zip(&sessions) {
+        for why in &s.skipped {
+            tracing::warn!(
+                model = name,
+                version,
+                graph = graph.as_str(),
+                "execution provider passed over: {why}"
+            );
+        }
+        tracing::info!(
+            model = name,
+            version,
+            graph = graph.as_str(),
+            provider = s.provider.as_str(),
+            "session ready"
+        );
+    }
+    let widths = sessions.each_ref().map(|s| s.output_widths().to_vec());
+    let mut engines = Vec::new();
+    for (graph, session) in Direction::BOTH.into_iter().zip(sessions) {
+        let engine = Engine::start(session, &format!("{name}-{version}-{}", graph.as_str()))
+            .map_err(|e| format!("cannot start an engine thread: {e}"))?;
+        engines.push(engine);
+    }
+    let event_size = package.event_size();
+    let metrics = metrics.for_model(
+        name,
+        version,
+        &package.manifest.family,
+        providers,
+        started.elapsed(),
+    );
+    let mut threads = Vec::new();
+    let mut queues = Vec::new();
+    for ((graph, engine), widths) in Direction::BOTH.into_iter().zip(engines).zip(&widths) {
+        queues.push(Batcher::start(
+            engine.batches,
+            options.batch,
+            event_size,
+            widths,
+            metrics.queue(graph),
+        ));
+        threads.push(engine.thread);
+    }
+    let queues: [Batcher; 2] = queues.try_into().unwrap_or_else(|_| unreachable!());
+    Ok(Model {
+        name: name.to_string(),
+        version,
+        package,
+        event_size,
+        providers,
+        metrics,
+        queues,
+        engines: Mutex::new(threads),
+    })
+}
+
+/// Loads the highest version of model `name` that works; the refusals on the way.
+async fn load_model(
+    dir: &Path,
+    name: String,
+    options: &LoadOptions,
+    metrics: &Metrics,
+) -> (Option<Model>, Vec<LoadFailure>) {
+    let mut failures = Vec::new();
+    let mut fail = |version: Option<u64>, reason: String| {
+        tracing::error!(model = %name, version, "package refused: {reason}");
+        metrics.model_load_failures.inc();
+        failures.push(LoadFailure {
+            model: name.clone(),
+            version,
+            reason,
+        });
+    };
+    if !valid_name(&name) {
+        fail(
+            None,
+            "the folder name is not a valid model name (letters, digits, '-', '_', '.')".into(),
+        );
+        return (None, failures);
+    }
+    let vs = versions(&dir.join(&name));
+    if vs.is_empty() {
+        let expected = format!("{}/{name}/1/flow.json", dir.display());
+        fail(None, format!("no version folders: expected {expected}"));
+        return (None, failures);
+    }
+    for v in vs {
+        let folder = dir.join(&name).join(v.to_string());
+        match load_version(&name, v, folder, options, metrics).await {
+            Ok(m) => return (Some(m), failures),
+            Err(reason) => fail(Some(v), reason),
+        }
+    }
+    (None, failures)
+}
+
+/// Scans `dir` and loads every model it can, the models concurrently.
+pub async fn load(
+    dir: &Path,
+    options: &LoadOptions,
+    metrics: &Metrics,
+) -> Result<Repository, String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("model repository {}: {e}", dir.display()))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    let loads = names
+        .into_iter()
+        .map(|name| load_model(dir, name, options, metrics));
+    let mut repo = Repository::default();
+    for (model, failures) in futures_util::future::join_all(loads).await {
+        repo.failures.extend(failures);
+        if let Some(m) = model {
+            tracing::info!(model = %m.name, version = m.version, family = %m.package.manifest.family, "model ready");
+            repo.models.insert(m.name.clone(), Arc::new(m));
+        }
+    }
+    Ok(repo)
+}
+
+impl Repository {
+    /// Closes every queue (what still waits is answered 503) and joins the engine threads,
+    /// waiting at most `limit` for the batches they are running.
+    pub async fn shutdown(&self, limit: Duration) {
+        let mut threads = Vec::new();
+        for m in self.models.values() {
+            for g in Direction::BOTH {
+                m.queue(g).close();
+            }
+            threads.append(&mut m.engines.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        let n = threads.len();
+        let join = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        });
+        match tokio::time::timeout(limit, join).await {
+            Ok(_) => tracing::info!(engines = n, "engine threads stopped"),
+            Err(_) => tracing::warn!(engines = n, "engine threads still running at exit"),
+        }
+    }
+}
