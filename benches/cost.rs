@@ -72,6 +72,7 @@ fn main() {
             "--max-samples-per-request",
             "4096",
         ],
+        None,
     );
 
     let listed = get_json(&format!("{base}/v1/models"));

@@ -69,6 +69,10 @@ pub struct Config {
         default_value = "cpu"
     )]
     pub execution_providers: Vec<Provider>,
+    /// Threads of the async runtime (HTTP, JSON, queues); default: one per core but one,
+    /// which is left to the engine threads that run inference.
+    #[arg(long, env = "FLOWSERVE_WORKER_THREADS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub worker_threads: Option<u64>,
     /// Threads ONNX Runtime may use inside one operator, per session.
     #[arg(long, env = "FLOWSERVE_INTRA_OP_THREADS", default_value_t = 1)]
     pub intra_op_threads: usize,
@@ -82,4 +86,17 @@ pub struct Config {
     /// After the listener closes, wait this long for in-flight requests before exiting.
     #[arg(long, env = "FLOWSERVE_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
     pub shutdown_timeout_ms: u64,
+}
+
+impl Config {
+    /// The async runtime's worker threads: `--worker-threads`, or one per core but one.
+    pub fn workers(&self) -> usize {
+        self.worker_threads.map_or_else(
+            || {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                cores.saturating_sub(1).max(1)
+            },
+            |n| n as usize,
+        )
+    }
 }

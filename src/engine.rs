@@ -1,20 +1,29 @@
 //! Engine threads: each graph runs on a dedicated OS thread (never on the async runtime's
-//! workers) that takes batches from a channel of capacity one, so one batch waits while
-//! another runs, and hands each batch's outputs back through [`Batch::complete`].
+//! workers) that takes batches from a channel of capacity one, says when it is free again,
+//! and hands each batch's outputs back through [`Batch::complete`].
 
 use std::panic::AssertUnwindSafe;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use flowpack::runtime::GraphSession;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::batcher::Batch;
 
-/// A running engine thread: the channel that feeds it and its handle, joined at shutdown.
-pub struct Engine {
-    /// Batches to run; the thread ends when every sender is dropped.
+/// How a queue talks to its engine thread.
+pub struct Feed {
+    /// Batches to run (capacity one); the thread ends when every sender is dropped.
     pub batches: mpsc::Sender<Batch>,
+    /// How many batches the engine has finished running (its outputs may still be being
+    /// handed back).
+    pub finished: watch::Receiver<u64>,
+}
+
+/// A running engine thread: its feed and its handle, joined at shutdown.
+pub struct Engine {
+    /// The channels to and from the thread.
+    pub feed: Feed,
     /// The thread.
     pub thread: JoinHandle<()>,
 }
@@ -27,19 +36,27 @@ impl Engine {
         F: FnMut(&[f32]) -> Result<Vec<Vec<f32>>, String> + Send + 'static,
     {
         let (batches, mut rx) = mpsc::channel::<Batch>(1);
+        let (done, finished) = watch::channel(0u64);
         let thread = std::thread::Builder::new()
             .name(format!("engine-{name}"))
             .spawn(move || {
+                let mut count = 0;
                 while let Some(batch) = rx.blocking_recv() {
                     let started = Instant::now();
                     // ONNX Runtime should never panic, but an engine thread must outlive any
                     // one batch.
                     let result = std::panic::catch_unwind(AssertUnwindSafe(|| run(&batch.input)))
                         .unwrap_or_else(|_| Err("the engine panicked on this batch".into()));
-                    batch.complete(result, started.elapsed());
+                    let took = started.elapsed();
+                    count += 1;
+                    done.send_replace(count);
+                    batch.complete(result, took);
                 }
             })?;
-        Ok(Engine { batches, thread })
+        Ok(Engine {
+            feed: Feed { batches, finished },
+            thread,
+        })
     }
 
     /// An engine over a graph session.

@@ -182,6 +182,11 @@ impl ModelMetrics {
 
     /// Adds served log_prob values to the score-drift histogram.
     pub fn observe_log_prob(&self, values: &[f32]) {
+        if values.len() < 8 {
+            values.iter().for_each(|&v| self.log_prob.observe(v as f64));
+            return;
+        }
+        // Many values: count locally, then one atomic update per bucket.
         let local = self.log_prob.local();
         for &v in values {
             local.observe(v as f64);

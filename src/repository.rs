@@ -171,7 +171,7 @@ async fn load_version(
     let mut queues = Vec::new();
     for ((graph, engine), widths) in Direction::BOTH.into_iter().zip(engines).zip(&widths) {
         queues.push(Batcher::start(
-            engine.batches,
+            engine.feed,
             options.batch,
             event_size,
             widths,

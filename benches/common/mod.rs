@@ -112,6 +112,49 @@ pub fn load(url: &str, body: &serde_json::Value, rows: usize, conns: usize, secs
     })
 }
 
+/// Restricts the calling thread (and threads it starts afterwards) to `cpus`; `None`: back
+/// to the CPUs the process started with.
+pub fn pin_current_thread(cpus: Option<&[usize]>) {
+    static START: std::sync::OnceLock<libc::cpu_set_t> = std::sync::OnceLock::new();
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: cpu_set_t is plain data; the calls read or write only these sets and change
+    // only this thread's affinity.
+    unsafe {
+        let start = START.get_or_init(|| {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::sched_getaffinity(0, size, &mut set);
+            set
+        });
+        let set = match cpus {
+            None => *start,
+            Some(cpus) => {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                for &c in cpus {
+                    libc::CPU_SET(c, &mut set);
+                }
+                set
+            }
+        };
+        libc::sched_setaffinity(0, size, &set);
+    }
+}
+
+/// `cmd` started on `cpus` only (its affinity is set before it runs).
+pub fn on_cpus<'a>(cmd: &'a mut Command, cpus: &'static [usize]) -> &'a mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: sched_setaffinity is async-signal-safe; nothing else runs in the child hook.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &c in cpus {
+                libc::CPU_SET(c, &mut set);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            Ok(())
+        })
+    }
+}
+
 pub fn spawn(cmd: &mut Command) -> Child {
     cmd.stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -144,17 +187,25 @@ pub fn server_binary(root: &Path) -> std::path::PathBuf {
     bin
 }
 
-/// Starts `flowserve` on a free port serving `models`; returns it and its base URL once ready.
-pub fn start_server(server: &Path, models: &Path, extra: &[&str]) -> (Guard, String) {
+/// Starts `flowserve` on a free port serving `models` (on `cpus` only, if given); returns it
+/// and its base URL once ready.
+pub fn start_server(
+    server: &Path,
+    models: &Path,
+    extra: &[&str],
+    cpus: Option<&'static [usize]>,
+) -> (Guard, String) {
     let port = free_port();
-    let g = Guard(spawn(
-        Command::new(server)
-            .arg("--models")
-            .arg(models)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(extra)
-            .env("RUST_LOG", "error"),
-    ));
+    let mut cmd = Command::new(server);
+    cmd.arg("--models")
+        .arg(models)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(extra)
+        .env("RUST_LOG", "error");
+    if let Some(cpus) = cpus {
+        on_cpus(&mut cmd, cpus);
+    }
+    let g = Guard(spawn(&mut cmd));
     let base = format!("http://127.0.0.1:{port}");
     wait_ready(&format!("{base}/readyz"));
     (g, base)

@@ -56,7 +56,11 @@ pub struct Served {
 impl Served {
     /// `body` as JSON, with the timing of `out`.
     pub fn json<T: Serialize>(out: &Outputs, body: &T) -> Served {
-        let body = serde_json::to_vec(body).expect("responses serialise");
+        // About 12 bytes a number; reserving up front spares the regrowth copies.
+        let numbers: usize = out.values.iter().map(Vec::len).sum();
+        let mut bytes = Vec::with_capacity(96 + 12 * numbers);
+        serde_json::to_writer(&mut bytes, body).expect("responses serialise");
+        let body = bytes;
         Served::bytes(out, body, "application/json")
     }
 

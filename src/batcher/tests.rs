@@ -1,4 +1,4 @@
-//! The queue actor with a stand-in engine: the real engine thread loop (`Engine::spawn`)
+//! The queue actor with a stand-in engine: the real engine thread ([`Engine::spawn`])
 //! running a closure that computes a known function of each row, so every answer can be
 //! checked row by row.
 
@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use flowpack::runtime::Provider;
 use flowpack::Direction;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::*;
@@ -58,6 +59,8 @@ impl Drop for Shut {
 /// A stand-in engine and what the test controls of it.
 struct StandIn {
     batcher: Arc<Batcher>,
+    engine: Option<std::thread::JoinHandle<()>>,
+    max_batch_rows: usize,
     metrics: QueueMetrics,
     /// Every batch's input, in the order the engine took them.
     seen: mpsc::UnboundedReceiver<Vec<f32>>,
@@ -72,7 +75,7 @@ impl StandIn {
         let (seen_tx, seen) = mpsc::unbounded_channel();
         let gate = Arc::new(Gate::default());
         let g = gate.clone();
-        let engine = Engine::spawn("stand-in", move |rows: &[f32]| {
+        let run = move |rows: &[f32]| {
             let _ = seen_tx.send(rows.to_vec());
             g.pass();
             match fail_on {
@@ -82,16 +85,18 @@ impl StandIn {
                     Ok(vec![a, b])
                 }
             }
-        })
-        .unwrap();
+        };
         let config = BatchConfig {
             max_batch_rows,
             max_queue_rows,
             max_delay: Duration::ZERO,
         };
-        let batcher = Batcher::start(engine.batches, config, WIDTH, &[WIDTH, 1], metrics.clone());
+        let engine = Engine::spawn("stand-in", run).unwrap();
+        let batcher = Batcher::start(engine.feed, config, WIDTH, &[WIDTH, 1], metrics.clone());
         StandIn {
             batcher: Arc::new(batcher),
+            engine: Some(engine.thread),
+            max_batch_rows,
             metrics,
             seen,
             gate,
@@ -124,26 +129,21 @@ impl StandIn {
         }
     }
 
-    /// Stops the engine at its next batch and fills its channel (with `max_batch_rows` = 4):
-    /// request 1 (4 rows) runs, 4 rows of request 2 wait in the channel, and its last
-    /// 2 rows wait in the queue.
-    async fn hold(&mut self) -> (Shut, [Request; 2]) {
+    /// Stops the engine at its next batch: a request of one full batch is running (held),
+    /// and everything submitted afterwards waits in the queue.
+    async fn hold(&mut self) -> (Shut, Request) {
         let guard = self.gate.shut();
-        let first = self.submit(tagged(101, 4), later());
-        assert_eq!(self.next_batch().await, tagged(101, 4));
-        let second = self.submit(tagged(102, 6), later());
-        self.waiting(2).await;
-        (guard, [first, second])
+        let held = self.submit(tagged(101, self.max_batch_rows), later());
+        assert_eq!(self.next_batch().await, tagged(101, self.max_batch_rows));
+        (guard, held)
     }
 }
 
 type Request = tokio::task::JoinHandle<Result<Outputs, BatchError>>;
 
-/// Answers the two requests of [`StandIn::hold`].
-async fn release(held: [Request; 2]) {
-    let [first, second] = held;
-    assert_answer(&first.await.unwrap().unwrap(), &tagged(101, 4));
-    assert_answer(&second.await.unwrap().unwrap(), &tagged(102, 6));
+/// Answers the request of [`StandIn::hold`].
+async fn release(held: Request, rows: usize) {
+    assert_answer(&held.await.unwrap().unwrap(), &tagged(101, rows));
 }
 
 fn later() -> Instant {
@@ -186,10 +186,10 @@ async fn interleaved_clients_each_get_their_own_rows_back() {
         let rows = tagged(c, 1 + c % 5);
         clients.push((rows.clone(), s.submit(rows, later())));
     }
-    s.waiting(2 + (0..40).map(|c| 1 + c % 5).sum::<usize>() as i64)
-        .await;
+    let total: usize = (0..40).map(|c| 1 + c % 5).sum();
+    s.waiting(total as i64).await;
     drop(guard);
-    release(held).await;
+    release(held, 4).await;
     for (rows, task) in clients {
         assert_answer(&task.await.unwrap().unwrap(), &rows);
     }
@@ -199,8 +199,9 @@ async fn interleaved_clients_each_get_their_own_rows_back() {
         parts > batches,
         "batches held several requests ({parts} parts in {batches} batches)"
     );
-    let rows = 4 + 6 + (0..40).map(|c| 1 + c % 5).sum::<usize>();
-    assert_eq!(s.metrics.batch_rows.get_sample_sum(), rows as f64);
+    assert_eq!(s.metrics.batch_rows.get_sample_sum(), (4 + total) as f64);
+    // Every batch but the last is full: the engine takes all it can when it is free.
+    assert_eq!(batches, (1 + total.div_ceil(4)) as f64);
     assert_eq!(s.metrics.queue_rows.get(), 0);
 }
 
@@ -208,8 +209,8 @@ async fn interleaved_clients_each_get_their_own_rows_back() {
 async fn admission_stops_at_the_row_limit_and_answers_at_once() {
     let mut s = StandIn::start(4, 10, None);
     let (guard, held) = s.hold().await;
-    // 2 rows wait; 8 more reach the limit of 10 exactly.
-    let full = s.submit(tagged(3, 8), later());
+    // Rows of a running batch no longer count; 10 waiting rows are the limit exactly.
+    let full = s.submit(tagged(3, 10), later());
     s.waiting(10).await;
     let started = std::time::Instant::now();
     let over = s.batcher.submit(tagged(5, 1), later()).await;
@@ -225,8 +226,8 @@ async fn admission_stops_at_the_row_limit_and_answers_at_once() {
         "answered at once"
     );
     drop(guard);
-    release(held).await;
-    assert_answer(&full.await.unwrap().unwrap(), &tagged(3, 8));
+    release(held, 4).await;
+    assert_answer(&full.await.unwrap().unwrap(), &tagged(3, 10));
     // After the rush, room again.
     let again = s.batcher.submit(tagged(6, 10), later()).await.unwrap();
     assert_answer(&again, &tagged(6, 10));
@@ -240,22 +241,22 @@ async fn expired_and_cancelled_entries_are_skipped_and_counted() {
     let expiring = s.submit(tagged(3, 2), Instant::now() + Duration::from_millis(30));
     let leaving = s.submit(tagged(4, 2), later());
     let fine = s.submit(tagged(5, 2), later());
-    s.waiting(8).await;
+    s.waiting(6).await;
     tokio::time::sleep(Duration::from_millis(60)).await;
     leaving.abort();
     assert!(leaving.await.unwrap_err().is_cancelled());
     drop(guard);
-    release(held).await;
+    release(held, 4).await;
     assert_eq!(expiring.await.unwrap().unwrap_err(), BatchError::Timeout);
     assert_answer(&fine.await.unwrap().unwrap(), &tagged(5, 2));
     let mut ran = Vec::new();
     while let Ok(batch) = s.seen.try_recv() {
         ran.extend(batch);
     }
-    assert!(ran.chunks(WIDTH).any(|r| r[0] == 5.0), "the fine rows ran");
-    assert!(
-        !ran.chunks(WIDTH).any(|r| r[0] == 3.0 || r[0] == 4.0),
-        "skipped rows never reach the engine: {ran:?}"
+    assert_eq!(
+        ran,
+        tagged(5, 2),
+        "only the fine rows ran after the held batch"
     );
     assert_eq!(s.metrics.cancelled.get(), 1, "the client that left");
     assert_eq!(s.metrics.queue_rows.get(), 0, "skipped rows are released");
@@ -263,18 +264,17 @@ async fn expired_and_cancelled_entries_are_skipped_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_error_fails_its_batch_only() {
-    let mut s = StandIn::start(4, 1000, Some(666.0));
+    let mut s = StandIn::start(2, 1000, Some(666.0));
     let (guard, held) = s.hold().await;
-    // These two join the held request's last 2 rows in one batch; the poison fails all of
-    // them. The request after them runs in a batch of its own and succeeds.
+    // These two share a batch; the poison fails both. The request after them runs in
+    // batches of its own and succeeds.
     let poisoned = s.submit(vec![666.0, 0.0], later());
     let neighbour = s.submit(tagged(2, 1), later());
-    s.waiting(4).await;
+    s.waiting(2).await;
     let after = s.submit(tagged(3, 4), later());
-    s.waiting(8).await;
+    s.waiting(6).await;
     drop(guard);
-    let [first, second] = held;
-    assert_answer(&first.await.unwrap().unwrap(), &tagged(101, 4));
+    release(held, 2).await;
     let e = poisoned.await.unwrap().unwrap_err();
     assert!(
         matches!(&e, BatchError::Engine(m) if m.contains("poisoned")),
@@ -284,10 +284,6 @@ async fn an_engine_error_fails_its_batch_only() {
         neighbour.await.unwrap(),
         Err(BatchError::Engine(_))
     ));
-    assert!(
-        matches!(second.await.unwrap(), Err(BatchError::Engine(_))),
-        "split into the bad batch"
-    );
     assert_answer(&after.await.unwrap().unwrap(), &tagged(3, 4));
 }
 
@@ -297,29 +293,72 @@ async fn a_panicking_engine_fails_the_batch_and_keeps_serving() {
         .for_model("panics", 1, "test", [Provider::Cpu; 2], Duration::ZERO)
         .queue(Direction::Encode);
     let armed = Arc::new(AtomicBool::new(true));
-    let a2 = armed.clone();
-    let engine = Engine::spawn("panics", move |rows: &[f32]| {
-        if a2.swap(false, Ordering::SeqCst) {
+    let run = move |rows: &[f32]| {
+        if armed.swap(false, Ordering::SeqCst) {
             panic!("stand-in panic");
         }
         let (a, b) = expected(rows);
         Ok(vec![a, b])
-    })
-    .unwrap();
+    };
     let config = BatchConfig {
         max_batch_rows: 8,
         max_queue_rows: 100,
         max_delay: Duration::ZERO,
     };
-    let batcher = Batcher::start(engine.batches, config, WIDTH, &[WIDTH, 1], metrics);
+    let engine = Engine::spawn("panics", run).unwrap();
+    let batcher = Batcher::start(engine.feed, config, WIDTH, &[WIDTH, 1], metrics);
     let e = batcher.submit(tagged(1, 2), later()).await.unwrap_err();
     assert!(
         matches!(e, BatchError::Engine(ref m) if m.contains("panicked")),
         "{e:?}"
     );
-    assert_answer(
-        &batcher.submit(tagged(2, 2), later()).await.unwrap(),
-        &tagged(2, 2),
+    let again = batcher.submit(tagged(2, 2), later()).await.unwrap();
+    assert_answer(&again, &tagged(2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_fills_the_batch_and_a_full_batch_does_not_wait() {
+    let metrics = Metrics::new()
+        .for_model("delay", 1, "test", [Provider::Cpu; 2], Duration::ZERO)
+        .queue(Direction::Encode);
+    let run = |rows: &[f32]| {
+        let (a, b) = expected(rows);
+        Ok(vec![a, b])
+    };
+    let config = BatchConfig {
+        max_batch_rows: 4,
+        max_queue_rows: 100,
+        max_delay: Duration::from_millis(300),
+    };
+    let engine = Engine::spawn("delay", run).unwrap();
+    let batcher = Arc::new(Batcher::start(
+        engine.feed,
+        config,
+        WIDTH,
+        &[WIDTH, 1],
+        metrics.clone(),
+    ));
+    // Two single rows 50 ms apart share one batch, which runs about 300 ms after the first.
+    let started = std::time::Instant::now();
+    let b = batcher.clone();
+    let first = tokio::spawn(async move { b.submit(tagged(1, 1), later()).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = batcher.submit(tagged(2, 1), later()).await.unwrap();
+    assert_answer(&first.await.unwrap().unwrap(), &tagged(1, 1));
+    assert_answer(&second, &tagged(2, 1));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(290),
+        "waited for the batch to fill ({took:?})"
+    );
+    assert_eq!(metrics.batch_rows.get_sample_count(), 1);
+    // A request that fills a batch runs at once.
+    let started = std::time::Instant::now();
+    batcher.submit(tagged(3, 4), later()).await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(200),
+        "a full batch does not wait ({took:?})"
     );
 }
 
@@ -328,16 +367,19 @@ async fn close_answers_what_waits_and_refuses_what_comes() {
     let mut s = StandIn::start(4, 1000, None);
     let (guard, held) = s.hold().await;
     let waiting = s.submit(tagged(3, 2), later());
-    s.waiting(4).await;
+    s.waiting(2).await;
     s.batcher.close();
     assert_eq!(waiting.await.unwrap().unwrap_err(), BatchError::Closed);
+    assert_eq!(
+        s.batcher.submit(tagged(4, 1), later()).await.unwrap_err(),
+        BatchError::Closed
+    );
     drop(guard);
-    // The batch the engine runs completes; rows still queued (the held request's last 2)
-    // are answered Closed with their request.
-    let [first, second] = held;
-    assert_answer(&first.await.unwrap().unwrap(), &tagged(101, 4));
-    assert_eq!(second.await.unwrap().unwrap_err(), BatchError::Closed);
-    let late = s.batcher.submit(tagged(4, 1), later()).await;
-    assert_eq!(late.unwrap_err(), BatchError::Closed);
+    // The batch the engine was running completes; then the thread ends.
+    release(held, 4).await;
+    let engine = s.engine.take().unwrap();
+    tokio::task::spawn_blocking(move || engine.join().unwrap())
+        .await
+        .unwrap();
     assert_eq!(s.metrics.queue_rows.get(), 0);
 }
