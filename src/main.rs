@@ -6,9 +6,9 @@ use clap::Parser;
 use flowserve::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
-// Every request allocates its body, rows and response; glibc's allocator spent over a tenth
-// of the server's CPU time under load (and its arena locks contended with the engine
-// threads). mimalloc's thread-local free lists do not.
+// Every request allocates its body, rows and response. Under single-row load glibc's
+// allocator took about 10 % of the server's samples (and its arena locks were contended by
+// the engine threads); mimalloc takes about 4 %. Throughput moved within the noise.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
