@@ -19,65 +19,60 @@ use super::extract::{ApiJson, Deadline};
 use super::record::Served;
 use super::wire::*;
 use super::AppState;
+use crate::batcher::Outputs;
 use crate::repository::{LoadFailure, Model};
 
 type St = State<Arc<AppState>>;
 type Answer = Result<Served, ApiError>;
+type Inputs = ApiJson<InputsRequest>;
 
 const OUT_OF_DOMAIN: &str =
     "log_prob is not a finite float32: the row lies far outside the data the model was trained on";
 
-/// `POST /log_prob`: log p(x) per row.
-pub(super) async fn log_prob(
-    call: Call,
-    Deadline(d): Deadline,
-    ApiJson(req): ApiJson<InputsRequest>,
-) -> Answer {
+/// The inputs of a `/log_prob` or `/encode` request through the encode graph, with finite
+/// scores counted in the model's score histogram.
+async fn scored(
+    call: &Call,
+    d: Deadline,
+    req: InputsRequest,
+) -> Result<(Arc<Model>, Outputs), ApiError> {
     let model = call.model(req.model.as_deref())?;
     let out = call
-        .run(&model, Direction::Encode, "inputs", req.inputs, d)
+        .run(&model, Direction::Encode, "inputs", req.inputs, d.0)
         .await?;
+    finite(&out.values[1], 1, "inputs", OUT_OF_DOMAIN)?;
+    model.metrics.observe_log_prob(&out.values[1]);
+    Ok((model, out))
+}
+
+/// `POST /log_prob`: log p(x) per row.
+pub(super) async fn log_prob(call: Call, d: Deadline, ApiJson(req): Inputs) -> Answer {
+    let (model, out) = scored(&call, d, req).await?;
     let lp = &out.values[1];
-    finite(lp, 1, "inputs", OUT_OF_DOMAIN)?;
-    model.metrics.observe_log_prob(lp);
-    let (name, version) = (model.name.as_str(), model.version);
-    Ok(Served::json(
-        &out,
-        &LogProbOut {
-            model: name,
-            version,
-            log_prob: lp,
-        },
-    ))
+    let body = LogProbOut {
+        model: &model.name,
+        version: model.version,
+        log_prob: lp,
+    };
+    Ok(Served::json(&out, &body))
 }
 
 /// `POST /encode`: z and log p(x) per row.
-pub(super) async fn encode(
-    call: Call,
-    Deadline(d): Deadline,
-    ApiJson(req): ApiJson<InputsRequest>,
-) -> Answer {
-    let model = call.model(req.model.as_deref())?;
-    let out = call
-        .run(&model, Direction::Encode, "inputs", req.inputs, d)
-        .await?;
+pub(super) async fn encode(call: Call, d: Deadline, ApiJson(req): Inputs) -> Answer {
+    let (model, out) = scored(&call, d, req).await?;
     let (z, lp) = (&out.values[0], &out.values[1]);
-    finite(lp, 1, "inputs", OUT_OF_DOMAIN)?;
     finite(z, model.event_size, "inputs", OUT_OF_DOMAIN)?;
-    model.metrics.observe_log_prob(lp);
     let event_shape = &model.package.manifest.event_shape;
-    Ok(Served::json(
-        &out,
-        &EncodeOut {
-            model: &model.name,
-            version: model.version,
-            latents: RowsOut {
-                data: z,
-                event_shape,
-            },
-            log_prob: lp,
+    let body = EncodeOut {
+        model: &model.name,
+        version: model.version,
+        latents: RowsOut {
+            data: z,
+            event_shape,
         },
-    ))
+        log_prob: lp,
+    };
+    Ok(Served::json(&out, &body))
 }
 
 /// `POST /decode`: x per latent row.

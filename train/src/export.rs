@@ -4,8 +4,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use flowpack::{
-    sha256_hex, Base, Calibration, Domain, Graphs, Manifest, Metrics, Quantile, Quantized,
-    Training, DECODE_FILE, ENCODE_FILE, FORMAT_VERSION,
+    sha256_hex, Calibration, Domain, Graphs, Manifest, Metrics, Quantile, Quantized, Training,
+    DECODE_FILE, ENCODE_FILE, FORMAT_VERSION,
 };
 use prost::Message;
 
@@ -63,16 +63,16 @@ fn write_graph(dir: &Path, file: &str, model: &flowpack::onnx::ModelProto) -> Re
     Ok(sha256_hex(&bytes))
 }
 
-/// Writes the package files into `dir` (flow in evaluation mode) and returns the manifest.
+/// Writes the package files into `dir` (the flow's evaluation behaviour) and returns the
+/// manifest.
 pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
-    flow.set_training(false);
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let event = flow.event.clone();
     let encode_sha = write_graph(dir, ENCODE_FILE, &flow.encode_graph(info.name)?)?;
     let decode_sha = write_graph(dir, DECODE_FILE, &flow.decode_graph(info.name)?)?;
 
     let cal = info.calibration;
-    let lp: Vec<f64> = crate::train::log_prob_rows(flow, &cal.values, 1)?
+    let lp: Vec<f64> = crate::eval::log_prob_rows(flow, &cal.values, 1)?
         .into_iter()
         .map(f64::from)
         .collect();
@@ -93,7 +93,7 @@ pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
         family: flow.family.as_str().to_string(),
         event_shape: event.clone(),
         dtype: "float32".into(),
-        base: Base::StandardNormal,
+        base: flow.base.clone(),
         graphs: Graphs::standard(&event, encode_sha, decode_sha, flow.costs()),
         domain: Domain {
             quantized: info

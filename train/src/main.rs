@@ -218,7 +218,7 @@ fn train(a: TrainArgs) -> Result<()> {
             _ => leaf.to_string(),
         }
     });
-    if !a.fresh && flowtrain::train::has_checkpoint(&a.out) {
+    if !a.fresh && flowtrain::checkpoint::exists(&a.out) {
         eprintln!("resuming from the checkpoint in {}", a.out.display());
     }
     let s = flowtrain::pipeline::train_and_export(&config, &a.out, &name, !a.quiet, a.fresh)?;
@@ -347,7 +347,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         .collect();
     if steps.iter().any(|&q| q > 0.0) {
         let mut values = table.values.clone();
-        let mut noise = rand_chacha::ChaCha8Rng::seed_from_u64(flowtrain::pipeline::TEST_NOISE);
+        let mut noise = rand_chacha::ChaCha8Rng::seed_from_u64(flowtrain::seeds::TEST_NOISE);
         data::dequantize(&mut values, table.dim, &steps, &mut noise);
         let dq = nll(&values, &mut runner)?;
         println!("NLL          {dq:.4} nats/example (dequantised, as in training)");

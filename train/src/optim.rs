@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
 
 /// Adam (Kingma & Ba, 2015), with AdamW's decoupled weight decay when `weight_decay > 0`.
 pub struct Adam {
@@ -36,14 +36,19 @@ impl Adam {
         })
     }
 
-    /// The global L2 norm of the gradients (missing gradients count as zero).
+    /// The global L2 norm of the gradients (missing gradients count as zero), read back
+    /// from the tensors once.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut total = 0f64;
-        for var in &self.vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            }
+        let squares = self
+            .vars
+            .iter()
+            .filter_map(|var| grads.get(var.as_tensor()))
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+            .collect::<Result<Vec<_>>>()?;
+        if squares.is_empty() {
+            return Ok(0.0);
         }
+        let total = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?;
         Ok(total.sqrt())
     }
 

@@ -36,7 +36,7 @@ impl Params {
             store: Arc::new(Mutex::new(Store {
                 seed,
                 entries: Vec::new(),
-                rng: ChaCha8Rng::seed_from_u64(seed ^ 0x1d1e_5eed),
+                rng: ChaCha8Rng::seed_from_u64(crate::seeds::params(seed)),
             })),
         }
     }

@@ -4,18 +4,19 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use flowpack::{Manifest, Metrics, Training};
+use serde::Serialize;
 
+use crate::bijectors::Ctx;
 use crate::config::Config;
 use crate::data::{self, Splits};
+use crate::eval::{mean_nll, to_tensor};
 use crate::export::{export, ExportInfo};
 use crate::flows::{Flow, Preprocess};
 use crate::params::Params;
 use crate::plot;
-use crate::train::{mean_nll, to_tensor, train, Outcome, Run};
+use crate::seeds::{self, TEST_NOISE};
+use crate::train::{train, Outcome, Run};
 use flowpack::sampling::latent_noise;
-
-/// Seeds the fixed dequantisation noise of the test split.
-pub const TEST_NOISE: u64 = 0x7e57;
 
 /// What a finished `train` reports.
 pub struct Summary {
@@ -96,7 +97,7 @@ pub fn train_and_export(
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join("config.toml"), toml::to_string_pretty(config)?)?;
-    let outcome = train(&Run {
+    let run = Run {
         flow: &flow,
         params: &params,
         config,
@@ -105,15 +106,22 @@ pub fn train_and_export(
         out,
         progress,
         teacher: teacher.as_ref().map(|t| &t.flow),
-    })?;
+    };
+    let outcome = train(&run)?;
     let test_nll = mean_nll(&flow, &data.test, &deq, TEST_NOISE, 1)?;
     // A distilled flow's validation objective was the reverse KL; report both.
     let (validation_nll, reverse_kl) = match &teacher {
         Some(_) => (
-            mean_nll(&flow, &data.val, &deq, config.train.seed ^ 0x7a1, 1)?,
-            Some(outcome.best_val_nll),
+            mean_nll(
+                &flow,
+                &data.val,
+                &deq,
+                seeds::validation(config.train.seed),
+                1,
+            )?,
+            Some(outcome.best_val_loss),
         ),
-        None => (outcome.best_val_nll, None),
+        None => (outcome.best_val_loss, None),
     };
     let ensemble = config.model.ensemble;
     let ensemble_test_nll = if ensemble > 1 {
@@ -127,7 +135,11 @@ pub fn train_and_export(
         .all(|&q| q == 1.0)
         .then(|| test_nll / (dim as f64 * std::f64::consts::LN_2));
 
-    plot::loss_curves(&outcome.history, &out.join("loss.png"))?;
+    plot::loss_curves(
+        &outcome.history,
+        run.objective().name(),
+        &out.join("loss.png"),
+    )?;
     if dim == 2 {
         density_plot(&flow, &data, config, &out.join("density.png"))?;
     }
@@ -155,25 +167,25 @@ pub fn train_and_export(
         },
         out,
     )?;
-    let report = serde_json::json!({
-        "family": config.model.family.as_str(),
-        "dataset": data.source,
-        "features": dim,
-        "parameters": params.count(),
-        "steps": outcome.steps,
-        "best_step": outcome.best_step,
-        "stopped_early": outcome.stopped_early,
-        "median_step_ms": outcome.median_step_seconds * 1e3,
-        "train_seconds": outcome.train_seconds,
-        "validation_nll": validation_nll,
-        "teacher": config.train.teacher,
-        "reverse_kl": reverse_kl,
-        "test_nll": test_nll,
-        "ensemble": ensemble,
-        "ensemble_test_nll": ensemble_test_nll,
-        "test_bits_per_dim": bits,
-        "skipped_steps": outcome.nan_skips,
-    });
+    let report = Report {
+        family: config.model.family.as_str(),
+        dataset: &data.source,
+        features: dim,
+        parameters: params.count(),
+        steps: outcome.steps,
+        best_step: outcome.best_step,
+        stopped_early: outcome.stopped_early,
+        median_step_ms: outcome.median_step_seconds * 1e3,
+        train_seconds: outcome.train_seconds,
+        validation_nll,
+        teacher: config.train.teacher.as_deref(),
+        reverse_kl,
+        test_nll,
+        ensemble,
+        ensemble_test_nll,
+        test_bits_per_dim: bits,
+        skipped_steps: outcome.nan_skips,
+    };
     std::fs::write(
         out.join("summary.json"),
         serde_json::to_string_pretty(&report)? + "\n",
@@ -185,6 +197,28 @@ pub fn train_and_export(
         ensemble_test_nll,
         reverse_kl,
     })
+}
+
+/// `summary.json`: what a run reports, for scripts (the benchmark tables read it).
+#[derive(Serialize)]
+struct Report<'a> {
+    family: &'a str,
+    dataset: &'a str,
+    features: usize,
+    parameters: usize,
+    steps: u64,
+    best_step: u64,
+    stopped_early: bool,
+    median_step_ms: f64,
+    train_seconds: f64,
+    validation_nll: f64,
+    teacher: Option<&'a str>,
+    reverse_kl: Option<f64>,
+    test_nll: f64,
+    ensemble: usize,
+    ensemble_test_nll: Option<f64>,
+    test_bits_per_dim: Option<f64>,
+    skipped_steps: u64,
 }
 
 /// A finished (or interrupted) run read back from its folder: its configuration, its data
@@ -206,7 +240,7 @@ pub struct LoadedRun {
 pub fn load_run(dir: &Path) -> Result<LoadedRun> {
     let config = Config::from_toml_file(&dir.join("config.toml"))
         .with_context(|| format!("{} is not a flowtrain run folder", dir.display()))?;
-    let tensors = crate::train::best_tensors(dir)?;
+    let tensors = crate::checkpoint::best_tensors(dir)?;
     let data = data::load(&config.data, config.train.seed)?;
     let (flow, params, dequantized) = build(&config, &data)?;
     params.restore(&tensors).with_context(|| {
@@ -215,7 +249,6 @@ pub fn load_run(dir: &Path) -> Result<LoadedRun> {
             dir.display()
         )
     })?;
-    flow.set_training(false);
     Ok(LoadedRun {
         config,
         data,
@@ -242,9 +275,8 @@ pub fn density_grid(
             pts.push(y as f32);
         }
     }
-    flow.set_training(false);
     let lp = flow
-        .ensemble_log_prob(&to_tensor(&pts, 2)?, ensemble)?
+        .ensemble_log_prob(&to_tensor(pts, 2)?, ensemble)?
         .exp()?;
     Ok(lp.to_vec1::<f32>()?)
 }
@@ -253,9 +285,9 @@ fn density_plot(flow: &Flow, data: &Splits, config: &Config, path: &Path) -> Res
     let win = plot::window(&data.test.values);
     let res = 150;
     let density = density_grid(flow, win, res, config.model.ensemble)?;
-    let z = latent_noise(5000, 2, 1.0, config.train.seed ^ 0x5a);
+    let z = latent_noise(5000, 2, 1.0, seeds::plot_samples(config.train.seed));
     let samples = flow
-        .decode(&to_tensor(&z, 2)?)?
+        .decode(&to_tensor(z, 2)?, &Ctx::EVAL)?
         .flatten_all()?
         .to_vec1::<f32>()?;
     plot::density_panels(&data.test.values, &density, res, &samples, win, path)

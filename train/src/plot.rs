@@ -35,19 +35,20 @@ fn err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("plot: {e}")
 }
 
-/// `loss.png`: training NLL (per logged step) and validation NLL against steps.
-pub fn loss_curves(history: &[Record], path: &Path) -> Result<()> {
+/// `loss.png`: the training loss (per logged step) and the validation loss against steps;
+/// `what` names the loss (`NLL`, `reverse KL`).
+pub fn loss_curves(history: &[Record], what: &str, path: &Path) -> Result<()> {
     let train: Vec<(f64, f64)> = history
         .iter()
         .filter_map(|r| match r {
-            Record::Train { step, nll, .. } => Some((*step as f64, *nll)),
+            Record::Train { step, loss, .. } => Some((*step as f64, *loss)),
             _ => None,
         })
         .collect();
     let val: Vec<(f64, f64)> = history
         .iter()
         .filter_map(|r| match r {
-            Record::Val { step, nll, .. } => Some((*step as f64, *nll)),
+            Record::Val { step, loss, .. } => Some((*step as f64, *loss)),
             _ => None,
         })
         .collect();
@@ -61,7 +62,7 @@ pub fn loss_curves(history: &[Record], path: &Path) -> Result<()> {
         return Ok(());
     }
     let x_max = train.iter().chain(&val).map(|p| p.0).fold(1.0, f64::max);
-    // Ignore the first steps' very large NLL when choosing the y range.
+    // Ignore the first steps' very large losses when choosing the y range.
     let mut sorted = all.clone();
     sorted.sort_by(f64::total_cmp);
     let lo = sorted[0];
@@ -76,14 +77,14 @@ pub fn loss_curves(history: &[Record], path: &Path) -> Result<()> {
         .x_label_area_size(40)
         .y_label_area_size(60);
     if text {
-        builder.caption("NLL (nats per example)", ("sans-serif", 22));
+        builder.caption(format!("{what} (nats per example)"), ("sans-serif", 22));
     }
     let mut chart = builder
         .build_cartesian_2d(0.0..x_max, (lo - pad)..(hi + pad))
         .map_err(err)?;
     let mut mesh = chart.configure_mesh();
     if text {
-        mesh.x_desc("step").y_desc("NLL");
+        mesh.x_desc("step").y_desc(what);
     } else {
         mesh.disable_x_axis().disable_y_axis();
     }

@@ -17,7 +17,9 @@ fn squeeze_moves_each_2x2_patch_into_channels() {
 
     // The documented layout: output channel 4c + 2i + j at (y, x) is input (c, 2y + i, 2x + j).
     let x: Vec<f32> = (0..2 * 4 * 6).map(|v| v as f32).collect();
-    let (z, ld) = sq.encode(&tensor_shaped(&x, &[2, 4, 6])).unwrap();
+    let (z, ld) = sq
+        .encode(&tensor_shaped(&x, &[2, 4, 6]), &Ctx::EVAL)
+        .unwrap();
     assert_eq!(to_vec(&ld), vec![0.0]);
     let z = to_vec(&z);
     for c in 0..2 {
@@ -46,8 +48,7 @@ fn actnorm_initialises_to_zero_mean_unit_std_per_channel() {
     }
     let x = tensor_shaped(&x, &[3, 4, 4]);
     assert!(!an.is_initialized().unwrap());
-    an.set_training(true);
-    let (z, _) = an.encode(&x).unwrap();
+    let (z, _) = an.encode(&x, &Ctx::train(0)).unwrap();
     assert!(an.is_initialized().unwrap());
     let per_channel = z.transpose(0, 1).unwrap().flatten_from(1).unwrap();
     let mean = to_vec(&per_channel.mean(1).unwrap());
@@ -70,11 +71,10 @@ fn actnorm_initialises_to_zero_mean_unit_std_per_channel() {
     }
     // Initialisation happens once: a second, different batch leaves the parameters alone.
     let before = p.snapshot();
-    an.encode(&(x * 2.0).unwrap()).unwrap();
+    an.encode(&(x * 2.0).unwrap(), &Ctx::train(0)).unwrap();
     for (k, v) in p.snapshot() {
         assert_eq!(to_vec(&v), to_vec(&before[&k]), "{k} changed");
     }
-    an.set_training(false);
     check_bijector_shaped(&an, &[3, 4, 4], &[3, 4, 4], 2);
 }
 
@@ -218,14 +218,19 @@ fn conv_coupling_all_masks_affine_and_additive() {
             for additive in [false, true] {
                 k += 1;
                 let p = Params::new(k);
-                let c = ConvCoupling::new(
+                let map = if additive {
+                    Elementwise::Shift
+                } else {
+                    Elementwise::SigmoidAffine
+                };
+                let c = Coupling::image(
                     &p,
                     [2, 4, 4],
                     mask,
                     flip,
                     8,
                     flowtrain::nn::Activation::Relu,
-                    additive,
+                    map,
                 )
                 .unwrap();
                 randomize(&p, 100 + k, 0.3);
@@ -238,18 +243,20 @@ fn conv_coupling_all_masks_affine_and_additive() {
 #[test]
 fn conv_coupling_keeps_its_mask_and_starts_as_a_fixed_map() {
     let p = Params::new(3);
-    let c = ConvCoupling::new(
+    let c = Coupling::image(
         &p,
         [2, 4, 4],
         ImageMask::Checkerboard,
         false,
         8,
         flowtrain::nn::Activation::Relu,
-        false,
+        Elementwise::SigmoidAffine,
     )
     .unwrap();
     let x = random_rows(4, 32, 9);
-    let (z, ld) = c.encode(&tensor_shaped(&x, &[2, 4, 4])).unwrap();
+    let (z, ld) = c
+        .encode(&tensor_shaped(&x, &[2, 4, 4]), &Ctx::EVAL)
+        .unwrap();
     let z = to_vec(&z);
     let s = 1.0 / (1.0 + (-2.0f32).exp());
     for (i, (zi, xi)) in z.iter().zip(&x).enumerate() {
@@ -270,8 +277,8 @@ fn logit_preprocessing() {
         .into_iter()
         .map(|v| (v + 2.0) * 4.0 - 0.4)
         .collect();
-    let (z, ld) = lg.encode(&tensor(&x, 12)).unwrap();
-    let back = to_vec(&lg.decode(&z).unwrap());
+    let (z, ld) = lg.encode(&tensor(&x, 12), &Ctx::EVAL).unwrap();
+    let back = to_vec(&lg.decode(&z, &Ctx::EVAL).unwrap());
     assert_close(&back, &x, 1e-4, 1e-5, "logit decode(encode(x))");
     let brute = brute_force_log_det(&lg, &x[..8 * 12], &[12]);
     let ld = to_vec(&ld);
@@ -291,28 +298,29 @@ fn logit_preprocessing() {
 #[test]
 fn factor_out_runs_deeper_levels_on_half_the_channels() {
     let p = Params::new(21);
-    let inner: Vec<Box<dyn Bijector>> = vec![
-        Box::new(ActNorm::new(&p.pp("a"), 2, 4).unwrap()),
-        Box::new(InvConv1x1::new(&p.pp("b"), 2, 4, true, 3).unwrap()),
-        Box::new(
-            ConvCoupling::new(
-                &p.pp("c"),
-                [2, 2, 2],
-                ImageMask::Checkerboard,
-                false,
-                4,
-                flowtrain::nn::Activation::Relu,
-                false,
-            )
-            .unwrap(),
-        ),
-    ];
+    let mut inner = Chain::new();
+    inner.push(ActNorm::new(&p.pp("a"), 2, 4).unwrap());
+    inner.push(InvConv1x1::new(&p.pp("b"), 2, 4, true, 3).unwrap());
+    inner.push(
+        Coupling::image(
+            &p.pp("c"),
+            [2, 2, 2],
+            ImageMask::Checkerboard,
+            false,
+            4,
+            flowtrain::nn::Activation::Relu,
+            Elementwise::SigmoidAffine,
+        )
+        .unwrap(),
+    );
     let f = FactorOut::new(2, 4, inner).unwrap();
     randomize(&p, 22, 0.3);
     check_bijector_shaped(&f, &[4, 2, 2], &[4, 2, 2], 23);
     // The factored-out channels pass through untouched.
     let x = random_rows(3, 16, 24);
-    let (z, _) = f.encode(&tensor_shaped(&x, &[4, 2, 2])).unwrap();
+    let (z, _) = f
+        .encode(&tensor_shaped(&x, &[4, 2, 2]), &Ctx::EVAL)
+        .unwrap();
     let z = to_vec(&z);
     for n in 0..3 {
         assert_eq!(&z[n * 16 + 8..n * 16 + 16], &x[n * 16 + 8..n * 16 + 16]);
@@ -329,8 +337,9 @@ fn batch_norm_per_channel_on_images() {
         let c = (k / 4) % 3;
         *v = *v * (0.5 + c as f32) + 3.0 * c as f32;
     }
-    bn.set_training(true);
-    let (z, ld) = bn.encode(&tensor_shaped(&x, &[3, 2, 2])).unwrap();
+    let (z, ld) = bn
+        .encode(&tensor_shaped(&x, &[3, 2, 2]), &Ctx::train(0))
+        .unwrap();
     let per_channel = z.transpose(0, 1).unwrap().flatten_from(1).unwrap();
     for (c, m) in to_vec(&per_channel.mean(1).unwrap()).iter().enumerate() {
         assert!(m.abs() < 1e-4, "channel {c} mean {m}");
@@ -341,7 +350,6 @@ fn batch_norm_per_channel_on_images() {
         "one log-det per batch"
     );
     // Evaluation with the running statistics it just took (and random γ, β): a bijector.
-    bn.set_training(false);
     randomize_around(&p, 33, 0.3);
     check_bijector_shaped(&bn, &[3, 2, 2], &[3, 2, 2], 34);
 }

@@ -5,8 +5,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use super::{constant_rows, Bijector, LogDet};
-use crate::onnx::{Graph, Value};
+use super::channel_affine::{ChannelAffine, PerChannelAffine};
 use crate::params::Params;
 
 /// Per-channel affine map with data-dependent initialisation.
@@ -18,7 +17,6 @@ pub struct ActNorm {
     channels: usize,
     /// Elements per channel per example (H·W; 1 for rows).
     spatial: usize,
-    training: std::sync::atomic::AtomicBool,
 }
 
 impl ActNorm {
@@ -31,7 +29,6 @@ impl ActNorm {
             initialized: p.buffer("initialized", Tensor::zeros(1, DType::F32, &Device::Cpu)?)?,
             channels,
             spatial,
-            training: Default::default(),
         })
     }
 
@@ -63,75 +60,27 @@ impl ActNorm {
         self.initialized
             .set(&Tensor::ones(1, DType::F32, &Device::Cpu)?)
     }
-
-    /// A `[C]` parameter shaped to broadcast over `[N, C, ...]` of rank `rank`.
-    fn per_channel(&self, t: &Tensor, rank: usize) -> Result<Tensor> {
-        let mut shape = vec![1; rank];
-        shape[1] = self.channels;
-        t.reshape(shape)
-    }
-
-    fn graph_shape(&self) -> Vec<usize> {
-        if self.spatial == 1 {
-            vec![self.channels]
-        } else {
-            vec![self.channels, 1, 1]
-        }
-    }
 }
 
-impl Bijector for ActNorm {
-    fn name(&self) -> &'static str {
-        "actnorm"
+impl PerChannelAffine for ActNorm {
+    const NAME: &'static str = "actnorm";
+
+    /// As `x·a + c`: a = exp(s), c = b·exp(s).
+    fn affine(&self) -> Result<ChannelAffine> {
+        let a = self.log_scale.as_tensor().exp()?;
+        let c = self.bias.as_tensor().mul(&a)?;
+        Ok(ChannelAffine {
+            a,
+            c: Some(c),
+            spatial: self.spatial,
+        })
     }
 
-    fn set_training(&self, training: bool) {
-        self.training
-            .store(training, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        if self.training.load(std::sync::atomic::Ordering::Relaxed) && !self.is_initialized()? {
+    /// Initialises from the first training batch, then runs the map.
+    fn train(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        if !self.is_initialized()? {
             self.initialize(x)?;
         }
-        let r = x.rank();
-        let s = self.log_scale.as_tensor();
-        let z = x
-            .broadcast_add(&self.per_channel(self.bias.as_tensor(), r)?)?
-            .broadcast_mul(&self.per_channel(&s.exp()?, r)?)?;
-        let ld = (s.sum_all()? * self.spatial as f64)?;
-        Ok((z, constant_rows(x, &ld)?))
-    }
-
-    fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let r = z.rank();
-        let inv = self.log_scale.as_tensor().neg()?.exp()?;
-        z.broadcast_mul(&self.per_channel(&inv, r)?)?
-            .broadcast_sub(&self.per_channel(self.bias.as_tensor(), r)?)
-    }
-
-    fn emit_encode(&self, g: &mut Graph, x: &Value) -> Result<(Value, LogDet)> {
-        let shape = self.graph_shape();
-        let s = self.log_scale.as_tensor();
-        let b = g.tensor(
-            "actnorm_bias",
-            &self.bias.as_tensor().reshape(shape.clone())?,
-        )?;
-        let e = g.tensor("actnorm_scale", &s.exp()?.reshape(shape)?)?;
-        let shifted = g.add(x, &b);
-        let ld = s.sum_all()?.to_scalar::<f32>()? as f64 * self.spatial as f64;
-        Ok((g.mul(&shifted, &e), LogDet::Const(ld)))
-    }
-
-    fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value> {
-        let shape = self.graph_shape();
-        let inv = self.log_scale.as_tensor().neg()?.exp()?;
-        let b = g.tensor(
-            "actnorm_bias",
-            &self.bias.as_tensor().reshape(shape.clone())?,
-        )?;
-        let e = g.tensor("actnorm_inverse_scale", &inv.reshape(shape)?)?;
-        let scaled = g.mul(z, &e);
-        Ok(g.sub(&scaled, &b))
+        Ok(None)
     }
 }

@@ -3,8 +3,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use super::{constant_rows, Bijector, LogDet};
-use crate::onnx::{Graph, Value};
+use super::channel_affine::{ChannelAffine, PerChannelAffine};
 use crate::params::Params;
 
 /// `z = (x - shift) / scale`, per feature, not trained.
@@ -25,50 +24,20 @@ impl ElementwiseAffine {
             scale: p.buffer("scale", Tensor::new(scale, dev)?)?,
         })
     }
-
-    /// The buffers as constants: they are never trained, so they stay out of the autodiff graph.
-    fn shift(&self) -> Tensor {
-        self.shift.as_detached_tensor()
-    }
-
-    fn scale(&self) -> Tensor {
-        self.scale.as_detached_tensor()
-    }
-
-    fn log_det(&self) -> Result<Tensor> {
-        self.scale().log()?.sum_all()?.neg()
-    }
 }
 
-impl Bijector for ElementwiseAffine {
-    fn name(&self) -> &'static str {
-        "standardize"
-    }
+impl PerChannelAffine for ElementwiseAffine {
+    const NAME: &'static str = "standardize";
 
-    fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let z = x
-            .broadcast_sub(&self.shift())?
-            .broadcast_div(&self.scale())?;
-        Ok((z, constant_rows(x, &self.log_det()?)?))
-    }
-
-    fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        z.broadcast_mul(&self.scale())?.broadcast_add(&self.shift())
-    }
-
-    fn emit_encode(&self, g: &mut Graph, x: &Value) -> Result<(Value, LogDet)> {
-        let shift = g.tensor("shift", &self.shift())?;
-        let scale = g.tensor("scale", &self.scale())?;
-        let centred = g.sub(x, &shift);
-        let z = g.div(&centred, &scale);
-        let ld = self.log_det()?.to_scalar::<f32>()? as f64;
-        Ok((z, LogDet::Const(ld)))
-    }
-
-    fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value> {
-        let shift = g.tensor("shift", &self.shift())?;
-        let scale = g.tensor("scale", &self.scale())?;
-        let scaled = g.mul(z, &scale);
-        Ok(g.add(&scaled, &shift))
+    /// As `x·a + c`: a = 1/scale, c = −shift/scale. The buffers are never trained, so they
+    /// stay out of the autodiff graph.
+    fn affine(&self) -> Result<ChannelAffine> {
+        let a = self.scale.as_detached_tensor().recip()?;
+        let c = (self.shift.as_detached_tensor() * &a)?.neg()?;
+        Ok(ChannelAffine {
+            a,
+            c: Some(c),
+            spatial: 1,
+        })
     }
 }

@@ -3,12 +3,10 @@
 //! running averages, where it is a fixed per-feature affine map. On images (`[N, C, H, W]`)
 //! the statistics are per channel, over the batch and the pixels, as in RealNVP.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use candle_core::{Result, Tensor, Var};
 
-use super::{constant_rows, Bijector, LogDet};
-use crate::onnx::{Graph, Value};
+use super::channel_affine::{per_channel, ChannelAffine, PerChannelAffine};
+use super::constant_rows;
 use crate::params::Params;
 
 /// `z = (x - μ) / √(σ² + ε) · exp(γ) + β`.
@@ -21,7 +19,6 @@ pub struct BatchNorm {
     eps: f64,
     /// Elements per channel per example (H·W; 1 for rows).
     spatial: usize,
-    training: AtomicBool,
 }
 
 impl BatchNorm {
@@ -54,74 +51,53 @@ impl BatchNorm {
             momentum,
             eps,
             spatial,
-            training: AtomicBool::new(false),
         })
     }
+}
 
-    /// The evaluation-mode map as `z = x · a + c` (the form exported and used in eval).
-    fn folded(&self) -> Result<(Tensor, Tensor)> {
+impl PerChannelAffine for BatchNorm {
+    const NAME: &'static str = "batch_norm";
+
+    fn train(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        self.batch_statistics(x).map(Some)
+    }
+
+    /// The evaluation-mode map as `z = x · a + c` (running statistics).
+    fn affine(&self) -> Result<ChannelAffine> {
         let a = self
             .log_gamma
             .as_tensor()
             .exp()?
             .div(&(self.running_var.as_detached_tensor() + self.eps)?.sqrt()?)?;
         let c = (self.beta.as_tensor() - self.running_mean.as_detached_tensor().mul(&a)?)?;
-        Ok((a, c))
-    }
-
-    /// A `[C]` vector shaped to broadcast over `[N, C, ...]` of rank `rank`.
-    fn shaped(t: &Tensor, rank: usize) -> Result<Tensor> {
-        let mut shape = vec![1; rank];
-        shape[1] = t.dim(0)?;
-        t.reshape(shape)
-    }
-
-    /// The graph shape of per-channel constants: `[C]` for rows, `[C, 1, 1]` for images.
-    fn graph_constant(&self, t: &Tensor) -> Result<Tensor> {
-        if self.spatial == 1 {
-            Ok(t.clone())
-        } else {
-            t.reshape((t.dim(0)?, 1, 1))
-        }
+        Ok(ChannelAffine {
+            a,
+            c: Some(c),
+            spatial: self.spatial,
+        })
     }
 }
 
-impl Bijector for BatchNorm {
-    fn name(&self) -> &'static str {
-        "batch_norm"
-    }
-
-    fn set_training(&self, training: bool) {
-        self.training.store(training, Ordering::Relaxed);
-    }
-
-    fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+impl BatchNorm {
+    /// Training: normalise with the batch's statistics (the log-det counts them) and move
+    /// the running averages.
+    fn batch_statistics(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let r = x.rank();
         let spatial = self.spatial as f64;
-        if !self.training.load(Ordering::Relaxed) {
-            let (a, c) = self.folded()?;
-            let z = x
-                .broadcast_mul(&Self::shaped(&a, r)?)?
-                .broadcast_add(&Self::shaped(&c, r)?)?;
-            return Ok((z, constant_rows(x, &(a.log()?.sum_all()? * spatial)?)?));
-        }
         let n = x.dim(0)? * self.spatial;
         if n < 2 {
             candle_core::bail!("batch norm in training needs at least 2 rows per batch");
         }
         // Per channel, over the batch (and the pixels).
-        let per_channel = x.transpose(0, 1)?.flatten_from(1)?;
-        let mean = per_channel.mean(1)?;
-        let var = per_channel
-            .broadcast_sub(&mean.unsqueeze(1)?)?
-            .sqr()?
-            .mean(1)?;
+        let columns = x.transpose(0, 1)?.flatten_from(1)?;
+        let mean = columns.mean(1)?;
+        let var = columns.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(1)?;
         let std = (&var + self.eps)?.sqrt()?;
         let gamma = self.log_gamma.as_tensor();
         let z = x
-            .broadcast_sub(&Self::shaped(&mean, r)?)?
-            .broadcast_mul(&Self::shaped(&(gamma.exp()? / &std)?, r)?)?
-            .broadcast_add(&Self::shaped(self.beta.as_tensor(), r)?)?;
+            .broadcast_sub(&per_channel(&mean, r)?)?
+            .broadcast_mul(&per_channel(&(gamma.exp()? / &std)?, r)?)?
+            .broadcast_add(&per_channel(self.beta.as_tensor(), r)?)?;
         let ld = ((gamma - std.log()?)?.sum_all()? * spatial)?;
         let m = self.momentum;
         let unbiased = (var.detach() * (n as f64 / (n as f64 - 1.0)))?;
@@ -136,29 +112,5 @@ impl Bijector for BatchNorm {
         self.running_var
             .set(&((self.running_var.as_detached_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
         Ok((z, constant_rows(x, &ld)?))
-    }
-
-    fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let (a, c) = self.folded()?;
-        let r = z.rank();
-        z.broadcast_sub(&Self::shaped(&c, r)?)?
-            .broadcast_div(&Self::shaped(&a, r)?)
-    }
-
-    fn emit_encode(&self, g: &mut Graph, x: &Value) -> Result<(Value, LogDet)> {
-        let (a, c) = self.folded()?;
-        let ld = a.log()?.sum_all()?.to_scalar::<f32>()? as f64 * self.spatial as f64;
-        let av = g.tensor("bn_scale", &self.graph_constant(&a)?)?;
-        let cv = g.tensor("bn_shift", &self.graph_constant(&c)?)?;
-        let scaled = g.mul(x, &av);
-        Ok((g.add(&scaled, &cv), LogDet::Const(ld)))
-    }
-
-    fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value> {
-        let (a, c) = self.folded()?;
-        let av = g.tensor("bn_scale", &self.graph_constant(&a)?)?;
-        let cv = g.tensor("bn_shift", &self.graph_constant(&c)?)?;
-        let centred = g.sub(z, &cv);
-        Ok(g.div(&centred, &av))
     }
 }

@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use super::{constant_rows, Bijector, LogDet};
+use super::{constant_rows, Bijector, Ctx, LogDet};
 use crate::linalg;
 use crate::onnx::{Graph, Value};
 use crate::params::Params;
@@ -185,13 +185,13 @@ impl Bijector for InvConv1x1 {
         "invconv1x1"
     }
 
-    fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn encode(&self, x: &Tensor, _: &Ctx) -> Result<(Tensor, Tensor)> {
         let z = self.mix(&self.weight()?, x)?;
         let ld = (self.log_abs_det_weight()? * self.spatial as f64)?;
         Ok((z, constant_rows(x, &ld)?))
     }
 
-    fn decode(&self, z: &Tensor) -> Result<Tensor> {
+    fn decode(&self, z: &Tensor, _: &Ctx) -> Result<Tensor> {
         self.mix(&self.inverse_weight()?, z)
     }
 

@@ -5,7 +5,7 @@
 use candle_core::{Result, Tensor};
 use flowpack::Cost;
 
-use super::{Bijector, LogDet};
+use super::{Bijector, Ctx, LogDet};
 use crate::onnx::{Graph, Value};
 
 /// `encode = inner.decode`, `decode = inner.encode`; log|det ∂z/∂x| is minus the inner
@@ -17,27 +17,24 @@ impl<B: Bijector> Bijector for Inverse<B> {
         "inverse"
     }
 
-    fn encode_cost(&self) -> Cost {
-        self.0.decode_cost()
+    fn cost(&self) -> [Cost; 2] {
+        let [encode, decode] = self.0.cost();
+        [decode, encode]
     }
 
-    fn decode_cost(&self) -> Cost {
-        self.0.encode_cost()
-    }
-
-    fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let z = self.0.decode(x)?;
-        let (_, ld) = self.0.encode(&z)?;
+    fn encode(&self, x: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)> {
+        let z = self.0.decode(x, cx)?;
+        let (_, ld) = self.0.encode(&z, cx)?;
         Ok((z, ld.neg()?))
     }
 
-    fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        Ok(self.0.encode(z)?.0)
+    fn decode(&self, z: &Tensor, cx: &Ctx) -> Result<Tensor> {
+        Ok(self.0.encode(z, cx)?.0)
     }
 
     /// One pass of the inner encode: the sample and its log-det together.
-    fn decode_with_log_det(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.0.encode(z)
+    fn decode_with_log_det(&self, z: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)> {
+        self.0.encode(z, cx)
     }
 
     fn emit_encode(&self, g: &mut Graph, x: &Value) -> Result<(Value, LogDet)> {
@@ -52,13 +49,5 @@ impl<B: Bijector> Bijector for Inverse<B> {
 
     fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value> {
         Ok(self.0.emit_encode(g, z)?.0)
-    }
-
-    fn set_training(&self, training: bool) {
-        self.0.set_training(training);
-    }
-
-    fn select_masks(&self, k: u64) -> Result<()> {
-        self.0.select_masks(k)
     }
 }

@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{Bijector, LogDet};
+use super::{Bijector, Ctx, LogDet};
 use crate::onnx::{Graph, Value};
 
 /// `z = logit(α + (1 − 2α)·(x − low)/(high − low))`, elementwise.
@@ -34,7 +34,7 @@ impl Bijector for Logit {
         "logit"
     }
 
-    fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn encode(&self, x: &Tensor, _: &Ctx) -> Result<(Tensor, Tensor)> {
         let p = ((x - self.low)? * self.a())?.affine(1.0, self.alpha)?;
         let q = p.affine(-1.0, 1.0)?;
         let (lp, lq) = (p.log()?, q.log()?);
@@ -43,7 +43,7 @@ impl Bijector for Logit {
         Ok((z, per.flatten_from(1)?.sum(1)?))
     }
 
-    fn decode(&self, z: &Tensor) -> Result<Tensor> {
+    fn decode(&self, z: &Tensor, _: &Ctx) -> Result<Tensor> {
         let p = candle_nn::ops::sigmoid(z)?;
         (p - self.alpha)?.affine(1.0 / self.a(), self.low)
     }
@@ -63,7 +63,7 @@ impl Bijector for Logit {
         let both = g.add(&lp, &lq);
         let log_a = g.scalar("logit_log_a", self.a().ln() as f32);
         let per = g.sub(&log_a, &both);
-        Ok((z, LogDet::Rows(g.sum_per_row(&per))))
+        Ok((z, LogDet::Rows(g.sum_per_row(&per, None))))
     }
 
     fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value> {

@@ -8,11 +8,11 @@
 //! sequential, D passes, each fixing one more coordinate. α is bounded, α = c·tanh(h/c).
 //!
 //! Order- and connectivity-agnostic training (MADE §4.2): one set of weights, many mask
-//! sets. [`Made::select_masks`] switches to mask set k — a seeded input order and/or seeded
-//! hidden degrees — so the trainer can draw one per minibatch and the evaluator can average
+//! sets. [`Ctx::mask_set`] picks mask set k — a seeded input order and/or seeded hidden
+//! degrees — so the trainer can draw one per minibatch and the evaluator can average
 //! densities over several. Mask set 0 is the configured order: the one exported.
 
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use flowpack::Cost;
@@ -20,7 +20,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{Bijector, LogDet};
+use super::{Bijector, Ctx, LogDet};
 use crate::nn::Activation;
 use crate::onnx::{Graph, Value};
 use crate::params::Params;
@@ -35,10 +35,16 @@ pub struct Made {
     base_order: Vec<usize>,
     seed: u64,
     agnostic: Agnostic,
-    masks: RwLock<Masks>,
+    /// Added to every mask set asked for (see [`Made::rebased`]).
+    offset: u64,
+    /// Mask set 0, always at hand.
+    first: Arc<Masks>,
+    /// The last other mask set built (training draws one per step; rebuilding only when it
+    /// changes).
+    last: Mutex<Option<(u64, Arc<Masks>)>>,
 }
 
-/// Which parts of the connectivity [`Made::select_masks`] redraws for mask sets k ≥ 1.
+/// Which parts of the connectivity mask sets k ≥ 1 redraw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Agnostic {
     /// A seeded random input order per mask set.
@@ -47,9 +53,8 @@ pub struct Agnostic {
     pub connectivity: bool,
 }
 
-/// The order and the per-layer masks in use, and which mask set they are.
+/// One mask set: the input order and the per-layer masks.
 struct Masks {
-    set: u64,
     order: Vec<usize>,
     layers: Vec<Tensor>,
 }
@@ -145,8 +150,7 @@ impl Made {
                 (lp.zeros("weight", (i, o))?, lp.zeros("bias", o)?)
             });
         }
-        let masks = RwLock::new(Masks {
-            set: 0,
+        let first = Arc::new(Masks {
             layers: masks(&order, hidden, seed)?,
             order: order.clone(),
         });
@@ -159,7 +163,9 @@ impl Made {
             base_order: order,
             seed,
             agnostic: Agnostic::default(),
-            masks,
+            offset: 0,
+            first,
+            last: Mutex::new(None),
         })
     }
 
@@ -169,45 +175,58 @@ impl Made {
         self
     }
 
-    /// Switches to mask set `k`: 0 is the configured order and degrees; k ≥ 1 draws what
+    /// Uses mask set `k` where it used 0 (and `k + j` where it used `j`): evaluation with
+    /// [`Ctx::EVAL`] and the export then see mask set `k` (to check that any set is a
+    /// bijector with a faithful ONNX twin).
+    pub fn rebased(mut self, k: u64) -> Self {
+        self.offset = k;
+        self
+    }
+
+    /// Mask set `k`: 0 is the configured order and degrees; k ≥ 1 draws what
     /// [`Made::agnostic`] allows from (seed, k), the same set for the same k every time.
-    pub fn select_masks(&self, k: u64) -> Result<()> {
-        // Without agnostic training every set is set 0; rebuild only when the set changes
-        // (the trainer selects one every step).
+    fn masks(&self, k: u64) -> Result<Arc<Masks>> {
+        // Without agnostic training every set is set 0.
         let k = if self.agnostic == Agnostic::default() {
             0
         } else {
-            k
+            k.wrapping_add(self.offset)
         };
-        if self.masks.read().expect("mask lock").set == k {
-            return Ok(());
+        if k == 0 {
+            return Ok(self.first.clone());
         }
-        let mix = self.seed ^ k.wrapping_mul(0xd1b5_4a32_d192_ed03);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((set, m)) = last.as_ref() {
+            if *set == k {
+                return Ok(m.clone());
+            }
+        }
+        let mix = crate::seeds::mask_set(self.seed, k);
         let mut order = self.base_order.clone();
-        if k > 0 && self.agnostic.order {
+        if self.agnostic.order {
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix));
         }
-        let degree_seed = if k > 0 && self.agnostic.connectivity {
-            mix.rotate_left(17)
+        let degree_seed = if self.agnostic.connectivity {
+            crate::seeds::mask_set_degrees(mix)
         } else {
             self.seed
         };
-        let layers = masks(&order, &self.hidden, degree_seed)?;
-        let mut m = self.masks.write().expect("mask lock");
-        m.set = k;
-        m.order = order;
-        m.layers = layers;
-        Ok(())
+        let m = Arc::new(Masks {
+            layers: masks(&order, &self.hidden, degree_seed)?,
+            order,
+        });
+        *last = Some((k, m.clone()));
+        Ok(m)
     }
 
-    /// The feature order of the mask set in use.
-    pub fn order(&self) -> Vec<usize> {
-        self.masks.read().expect("mask lock").order.clone()
+    /// The feature order of mask set `k`.
+    pub fn order(&self, k: u64) -> Result<Vec<usize>> {
+        Ok(self.masks(k)?.order.clone())
     }
 
-    /// The weights with the masks in use applied.
-    fn masked_weights(&self) -> Result<Vec<(Tensor, Tensor)>> {
-        let m = self.masks.read().expect("mask lock");
+    /// The weights with the masks of set `k` applied.
+    fn masked_weights(&self, k: u64) -> Result<Vec<(Tensor, Tensor)>> {
+        let m = self.masks(k)?;
         self.layers
             .iter()
             .zip(&m.layers)
@@ -215,9 +234,10 @@ impl Made {
             .collect()
     }
 
-    /// `(μ, α)` for rows `x`: each depends only on the features before it in the order.
-    pub fn conditionals(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let weights = self.masked_weights()?;
+    /// `(μ, α)` for rows `x` under mask set `k`: each depends only on the features before
+    /// it in that set's order.
+    pub fn conditionals(&self, x: &Tensor, k: u64) -> Result<(Tensor, Tensor)> {
+        let weights = self.masked_weights(k)?;
         let mut h = x.clone();
         for (i, (w, b)) in weights.iter().enumerate() {
             h = h.matmul(w)?.broadcast_add(b)?;
@@ -230,9 +250,28 @@ impl Made {
         Ok((mu, alpha))
     }
 
-    /// The masked weights as graph constants, emitted once and shared by every pass.
+    /// The masked weights of mask set 0 as graph constants, emitted once and shared by
+    /// every pass.
+    /// The output layer's α columns are divided by the clamp here, so the graph computes
+    /// `c·tanh(h)` without a division node.
     fn emit_weights(&self, g: &mut Graph) -> Result<Vec<(Value, Value)>> {
-        self.masked_weights()?
+        let mut weights = self.masked_weights(0)?;
+        if let Some((w, b)) = weights.last_mut() {
+            let d = self.dim;
+            let scale: Vec<f32> = (0..2 * d)
+                .map(|j| {
+                    if j < d {
+                        1.0
+                    } else {
+                        (1.0 / self.clamp) as f32
+                    }
+                })
+                .collect();
+            let scale = Tensor::from_vec(scale, 2 * d, &Device::Cpu)?;
+            *w = w.broadcast_mul(&scale.unsqueeze(0)?)?;
+            *b = b.mul(&scale)?;
+        }
+        weights
             .iter()
             .map(|(w, b)| Ok((g.tensor("masked_weight", w)?, g.tensor("bias", b)?)))
             .collect()
@@ -252,11 +291,9 @@ impl Made {
                 h = self.activation.emit(g, &h);
             }
         }
-        let mu = g.slice(&h, 1, 0, self.dim);
-        let raw = g.slice(&h, 1, self.dim, 2 * self.dim);
+        let (mu, raw) = g.halves(&h, 1);
         let c = g.scalar("clamp", self.clamp as f32);
-        let scaled = g.div(&raw, &c);
-        let th = g.tanh(&scaled);
+        let th = g.tanh(&raw);
         (mu, g.mul(&th, &c))
     }
 }
@@ -266,24 +303,20 @@ impl Bijector for Made {
         "made"
     }
 
-    fn decode_cost(&self) -> Cost {
-        Cost::Sequential
+    fn cost(&self) -> [Cost; 2] {
+        [Cost::OnePass, Cost::Sequential]
     }
 
-    fn select_masks(&self, k: u64) -> Result<()> {
-        Made::select_masks(self, k)
-    }
-
-    fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (mu, alpha) = self.conditionals(x)?;
+    fn encode(&self, x: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)> {
+        let (mu, alpha) = self.conditionals(x, cx.mask_set)?;
         let z = (x - mu)?.mul(&alpha.neg()?.exp()?)?;
         Ok((z, alpha.sum(1)?.neg()?))
     }
 
-    fn decode(&self, z: &Tensor) -> Result<Tensor> {
+    fn decode(&self, z: &Tensor, cx: &Ctx) -> Result<Tensor> {
         let mut x = Tensor::zeros(z.dims(), DType::F32, z.device())?;
         for _ in 0..self.dim {
-            let (mu, alpha) = self.conditionals(&x)?;
+            let (mu, alpha) = self.conditionals(&x, cx.mask_set)?;
             x = (z.mul(&alpha.exp()?)? + mu)?;
         }
         Ok(x)
@@ -296,7 +329,7 @@ impl Bijector for Made {
         let na = g.neg(&alpha);
         let e = g.exp(&na);
         let z = g.mul(&centred, &e);
-        let s = g.sum_per_row(&alpha);
+        let s = g.sum_per_row(&alpha, Some(2));
         Ok((z, LogDet::Rows(g.neg(&s))))
     }
 

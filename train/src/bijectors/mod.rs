@@ -2,7 +2,11 @@
 //!
 //! Every bijector maps data → latent with [`Bijector::encode`] and latent → data with
 //! [`Bijector::decode`], and emits the same two maps as ONNX nodes. Math and emission live
-//! in one file per bijector so that each file's parity test covers both.
+//! in one file per bijector so that each file's parity test covers both. What changes
+//! between calls — training or evaluation behaviour, MADE's mask set — travels in a [`Ctx`]
+//! argument (candle's `forward_t(x, train)` idea), never in the layers, so containers
+//! ([`Chain`], [`FactorOut`], [`Inverse`]) have nothing to forward by hand. The emitted
+//! graphs are the evaluation behaviour with mask set 0: the exported flow.
 
 use candle_core::{Result, Tensor};
 use flowpack::Cost;
@@ -10,11 +14,11 @@ use flowpack::Cost;
 use crate::onnx::{Graph, Value};
 
 mod actnorm;
-mod additive_coupling;
 mod affine;
-mod affine_coupling;
 mod batch_norm;
-mod conv_coupling;
+mod chain;
+mod channel_affine;
+mod coupling;
 mod diagonal_scaling;
 mod factor_out;
 mod invconv;
@@ -26,11 +30,10 @@ mod split;
 mod squeeze;
 
 pub use actnorm::ActNorm;
-pub use additive_coupling::AdditiveCoupling;
 pub use affine::ElementwiseAffine;
-pub use affine_coupling::AffineCoupling;
 pub use batch_norm::BatchNorm;
-pub use conv_coupling::{ConvCoupling, ImageMask};
+pub use chain::Chain;
+pub use coupling::{Coupling, Elementwise, ImageMask, Partition};
 pub use diagonal_scaling::DiagonalScaling;
 pub use factor_out::FactorOut;
 pub use invconv::InvConv1x1;
@@ -41,6 +44,40 @@ pub use permutation::Permutation;
 pub use split::{Mask, Split};
 pub use squeeze::Squeeze;
 
+/// How a call should behave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ctx {
+    /// Training behaviour: batch norm uses (and tracks) batch statistics, actnorm
+    /// initialises itself on its first batch.
+    pub training: bool,
+    /// The mask set of order- and connectivity-agnostic MADEs (0: the exported one).
+    pub mask_set: u64,
+}
+
+impl Ctx {
+    /// Evaluation with mask set 0: what the exported graphs compute.
+    pub const EVAL: Ctx = Ctx {
+        training: false,
+        mask_set: 0,
+    };
+
+    /// Training with mask set `mask_set`.
+    pub fn train(mask_set: u64) -> Ctx {
+        Ctx {
+            training: true,
+            mask_set,
+        }
+    }
+
+    /// Evaluation with mask set `mask_set`.
+    pub fn eval(mask_set: u64) -> Ctx {
+        Ctx {
+            training: false,
+            mask_set,
+        }
+    }
+}
+
 /// A bijector's log|det ∂z/∂x| in an ONNX graph: a constant (folded by the flow) or one
 /// value per row.
 pub enum LogDet {
@@ -50,44 +87,83 @@ pub enum LogDet {
     Rows(Value),
 }
 
+/// Log-dets summed as they are emitted: constants folded into one number, per-row values
+/// added as graph nodes.
+pub struct LogDetSum {
+    /// The sum of the constant parts.
+    pub constant: f64,
+    /// The sum of the per-row parts, if any.
+    pub rows: Option<Value>,
+}
+
+impl LogDetSum {
+    /// A sum starting at `constant`.
+    pub fn new(constant: f64) -> Self {
+        LogDetSum {
+            constant,
+            rows: None,
+        }
+    }
+
+    /// Adds one bijector's log-det.
+    pub fn add(&mut self, g: &mut Graph, ld: LogDet) {
+        match ld {
+            LogDet::Const(c) => self.constant += c,
+            LogDet::Rows(v) => {
+                self.rows = Some(match self.rows.take() {
+                    Some(r) => g.add(&r, &v),
+                    None => v,
+                })
+            }
+        }
+    }
+
+    /// The total as one [`LogDet`].
+    pub fn finish(self, g: &mut Graph) -> LogDet {
+        match self.rows {
+            None => LogDet::Const(self.constant),
+            Some(r) if self.constant == 0.0 => LogDet::Rows(r),
+            Some(r) => {
+                let c = g.scalar("log_det_constant", self.constant as f32);
+                LogDet::Rows(g.add(&r, &c))
+            }
+        }
+    }
+}
+
 /// An invertible map between data space and latent space.
 pub trait Bijector {
-    /// A short name for logs and ONNX node names.
+    /// A short name for logs and messages.
     fn name(&self) -> &'static str;
     /// data → latent, with log|det ∂z/∂x| per row (`[N]`).
-    fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)>;
+    fn encode(&self, x: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)>;
     /// latent → data.
-    fn decode(&self, z: &Tensor) -> Result<Tensor>;
+    fn decode(&self, z: &Tensor, cx: &Ctx) -> Result<Tensor>;
     /// latent → data with log|det ∂x/∂z| per row: the sampling path of density
     /// distillation. By default one decode and one encode; bijectors whose inverse gives the
     /// log-det for free (IAF) override it.
-    fn decode_with_log_det(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
-        let x = self.decode(z)?;
-        let (_, ld) = self.encode(&x)?;
+    fn decode_with_log_det(&self, z: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)> {
+        let x = self.decode(z, cx)?;
+        let (_, ld) = self.encode(&x, cx)?;
         Ok((x, ld.neg()?))
     }
-    /// [`Bijector::encode`] as ONNX nodes (evaluation mode).
+    /// [`Bijector::encode`] as ONNX nodes ([`Ctx::EVAL`]).
     fn emit_encode(&self, g: &mut Graph, x: &Value) -> Result<(Value, LogDet)>;
-    /// [`Bijector::decode`] as ONNX nodes (evaluation mode).
+    /// [`Bijector::decode`] as ONNX nodes ([`Ctx::EVAL`]).
     fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value>;
-    /// How `encode` scales with the dimension (one pass unless autoregressive inversion).
-    fn encode_cost(&self) -> Cost {
-        Cost::OnePass
-    }
-    /// How `decode` scales with the dimension.
-    fn decode_cost(&self) -> Cost {
-        Cost::OnePass
-    }
-    /// Switches between training (batch statistics) and evaluation behaviour.
-    fn set_training(&self, _training: bool) {}
-    /// Uses mask set `k` (order-/connectivity-agnostic MADE); 0 is the exported one.
-    /// Bijectors without masks ignore it.
-    fn select_masks(&self, _k: u64) -> Result<()> {
-        Ok(())
+    /// How `encode` and `decode` scale with the dimension (one pass unless autoregressive
+    /// inversion makes a direction sequential).
+    fn cost(&self) -> [Cost; 2] {
+        [Cost::OnePass; 2]
     }
 }
 
 /// `[N]` filled with `value`, for bijectors whose log-det does not depend on the input.
 pub(crate) fn constant_rows(x: &Tensor, value: &Tensor) -> Result<Tensor> {
     value.broadcast_as(x.dim(0)?)?.contiguous()
+}
+
+/// `[N]` zeros: the log-det of a volume-preserving map.
+pub(crate) fn zero_rows(x: &Tensor) -> Result<Tensor> {
+    Tensor::zeros(x.dim(0)?, x.dtype(), x.device())
 }

@@ -5,7 +5,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{Bijector, LogDet};
+use super::{zero_rows, Bijector, Ctx, LogDet};
 use crate::onnx::{Graph, Value};
 
 /// `z[:, i] = x[:, perm[i]]`.
@@ -59,12 +59,11 @@ impl Bijector for Permutation {
         "permutation"
     }
 
-    fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let ld = Tensor::zeros(x.dim(0)?, x.dtype(), x.device())?;
-        Ok((x.index_select(&self.perm_t, 1)?, ld))
+    fn encode(&self, x: &Tensor, _: &Ctx) -> Result<(Tensor, Tensor)> {
+        Ok((x.index_select(&self.perm_t, 1)?, zero_rows(x)?))
     }
 
-    fn decode(&self, z: &Tensor) -> Result<Tensor> {
+    fn decode(&self, z: &Tensor, _: &Ctx) -> Result<Tensor> {
         z.index_select(&self.inverse_t, 1)
     }
 

@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{Bijector, LogDet};
+use super::{zero_rows, Bijector, Ctx, LogDet};
 use crate::onnx::{Graph, Value};
 
 /// Space-to-depth over events of shape `[C, H, W]` (H and W even).
@@ -35,17 +35,17 @@ impl Bijector for Squeeze {
         "squeeze"
     }
 
-    fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn encode(&self, x: &Tensor, _: &Ctx) -> Result<(Tensor, Tensor)> {
         let n = x.dim(0)?;
         let (c, h, w) = (self.c, self.h / 2, self.w / 2);
         let z = x
             .reshape((n, c, h, 2, w, 2))?
             .permute([0, 1, 3, 5, 2, 4])?
             .reshape((n, 4 * c, h, w))?;
-        Ok((z, Tensor::zeros(n, x.dtype(), x.device())?))
+        Ok((z, zero_rows(x)?))
     }
 
-    fn decode(&self, z: &Tensor) -> Result<Tensor> {
+    fn decode(&self, z: &Tensor, _: &Ctx) -> Result<Tensor> {
         let n = z.dim(0)?;
         let (c, h, w) = (self.c, self.h / 2, self.w / 2);
         z.reshape((n, c, 2, 2, h, w))?

@@ -56,15 +56,20 @@ impl Table {
 
     /// The rows at `idx`, in that order.
     pub fn select(&self, idx: &[usize]) -> Table {
+        Table {
+            names: self.names.clone(),
+            dim: self.dim,
+            values: self.select_values(idx),
+        }
+    }
+
+    /// The values of the rows at `idx`, in that order (a training batch: no column names).
+    pub fn select_values(&self, idx: &[usize]) -> Vec<f32> {
         let mut values = Vec::with_capacity(idx.len() * self.dim);
         for &i in idx {
             values.extend_from_slice(self.row(i));
         }
-        Table {
-            names: self.names.clone(),
-            dim: self.dim,
-            values,
-        }
+        values
     }
 
     /// Values of column `c`.
@@ -168,7 +173,7 @@ pub fn read_table(dataset: &str, columns: Columns) -> Result<Table> {
 /// The seeded order in which a table's rows are dealt into splits.
 fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
-    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5_9117));
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(crate::seeds::split(seed)));
     idx
 }
 
@@ -180,8 +185,7 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
         let names = vec!["x".to_string(), "y".to_string()];
         let n = cfg.toy_samples;
         let draw = |stream: u64, n: usize| {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            rng.set_stream(stream);
+            let mut rng = crate::seeds::toy_split(seed, stream);
             Table::new(
                 names.clone(),
                 toy::sample(name, n, &mut rng).expect("toy name checked"),

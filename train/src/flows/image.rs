@@ -18,20 +18,15 @@
 use candle_core::Result;
 
 use crate::bijectors::{
-    ActNorm, BatchNorm, Bijector, ConvCoupling, FactorOut, ImageMask, InvConv1x1, Inverse, Squeeze,
+    ActNorm, BatchNorm, Bijector, Chain, Coupling, Elementwise, FactorOut, ImageMask, InvConv1x1,
+    Inverse, Squeeze,
 };
 use crate::config::{Family, ModelConfig};
 use crate::params::Params;
 
-pub(super) fn build(
-    cfg: &ModelConfig,
-    shape: [usize; 3],
-    p: &Params,
-    layers: &mut Vec<Box<dyn Bijector>>,
-) -> Result<()> {
+pub(super) fn build(cfg: &ModelConfig, shape: [usize; 3], p: &Params) -> Result<Chain> {
     check_shape(cfg, shape)?;
-    layers.extend(level(cfg, shape, 0, &p.pp("level0"))?);
-    Ok(())
+    level(cfg, shape, 0, &p.pp("level0"))
 }
 
 /// Every level but the last squeezes and halves the channels; the spatial size must allow it.
@@ -55,23 +50,23 @@ fn check_shape(cfg: &ModelConfig, shape: [usize; 3]) -> Result<()> {
     Ok(())
 }
 
-fn level(
-    cfg: &ModelConfig,
-    shape: [usize; 3],
-    l: usize,
-    p: &Params,
-) -> Result<Vec<Box<dyn Bijector>>> {
+fn level(cfg: &ModelConfig, shape: [usize; 3], l: usize, p: &Params) -> Result<Chain> {
     let last = l + 1 == cfg.levels;
-    let mut out: Vec<Box<dyn Bijector>> = Vec::new();
+    let mut out = Chain::new();
+    let map = if cfg.additive {
+        Elementwise::Shift
+    } else {
+        Elementwise::SigmoidAffine
+    };
     let coupling = |p: &Params, shape, mask, flip| -> Result<Box<dyn Bijector>> {
-        Ok(Box::new(ConvCoupling::new(
+        Ok(Box::new(Coupling::image(
             p,
             shape,
             mask,
             flip,
             cfg.hidden,
             cfg.activation,
-            cfg.additive,
+            map,
         )?))
     };
     let actnorm = |p: &Params, s: [usize; 3]| -> Result<Box<dyn Bijector>> {
@@ -96,8 +91,8 @@ fn level(
         let k = if last { 2 * cfg.layers } else { cfg.layers };
         for i in 0..k {
             let q = p.pp(format!("checkerboard{i}"));
-            out.push(coupling(&q, shape, ImageMask::Checkerboard, i % 2 == 1)?);
-            out.push(normalise(&q, shape)?);
+            out.push_boxed(coupling(&q, shape, ImageMask::Checkerboard, i % 2 == 1)?);
+            out.push_boxed(normalise(&q, shape)?);
         }
         if last {
             return Ok(out);
@@ -105,23 +100,23 @@ fn level(
     }
     let sq = Squeeze::new(shape[0], shape[1], shape[2])?;
     let s = sq.output_shape();
-    out.push(Box::new(sq));
+    out.push(sq);
     for i in 0..cfg.layers {
         let q = p.pp(format!("step{i}"));
         if cfg.family == Family::Glow {
-            out.push(actnorm(&q.pp("actnorm"), s)?);
-            let seed = p.seed() ^ (0x1c0f + 131 * l as u64 + i as u64);
-            out.push(Box::new(InvConv1x1::new(
+            out.push_boxed(actnorm(&q.pp("actnorm"), s)?);
+            let seed = crate::seeds::invconv(p.seed(), l, i);
+            out.push(InvConv1x1::new(
                 &q.pp("invconv"),
                 s[0],
                 s[1] * s[2],
                 cfg.lu,
                 seed,
-            )?));
-            out.push(coupling(&q.pp("coupling"), s, ImageMask::Channel, false)?);
+            )?);
+            out.push_boxed(coupling(&q.pp("coupling"), s, ImageMask::Channel, false)?);
         } else {
-            out.push(coupling(&q, s, ImageMask::Channel, i % 2 == 1)?);
-            out.push(normalise(&q, s)?);
+            out.push_boxed(coupling(&q, s, ImageMask::Channel, i % 2 == 1)?);
+            out.push_boxed(normalise(&q, s)?);
         }
     }
     if !last {
@@ -129,7 +124,7 @@ fn level(
         if cfg.learned_prior {
             // Glow's split prior: the leaving half's Gaussian is conditioned on the staying
             // half — an affine coupling of the second half of the channels on the first.
-            out.push(coupling(&p.pp("prior"), s, ImageMask::Channel, false)?);
+            out.push_boxed(coupling(&p.pp("prior"), s, ImageMask::Channel, false)?);
         }
         let inner = level(
             cfg,
@@ -137,10 +132,8 @@ fn level(
             l + 1,
             &p.pp(format!("level{}", l + 1)),
         )?;
-        out.push(Box::new(FactorOut::new(keep, s[0], inner)?));
+        out.push(FactorOut::new(keep, s[0], inner)?);
     }
-    out.push(Box::new(Inverse(Squeeze::new(
-        shape[0], shape[1], shape[2],
-    )?)));
+    out.push(Inverse(Squeeze::new(shape[0], shape[1], shape[2])?));
     Ok(out)
 }

@@ -8,24 +8,21 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::bijectors::{Agnostic, Bijector, Inverse, Made};
+use super::{stack, BatchNormAt};
+use crate::bijectors::{Agnostic, Chain, Inverse, Made};
 use crate::config::{Family, ModelConfig, PermutationKind};
 use crate::params::Params;
 
-pub(super) fn build(
-    cfg: &ModelConfig,
-    dim: usize,
-    p: &Params,
-    layers: &mut Vec<Box<dyn Bijector>>,
-) -> Result<()> {
+pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params) -> Result<Chain> {
     let n = if cfg.family == Family::Made {
         1
     } else {
         cfg.layers
     };
     let hidden = vec![cfg.hidden; cfg.hidden_layers];
+    let mut steps = Vec::new();
     for i in 0..n {
-        let seed = p.seed().wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i as u64 + 1);
+        let seed = crate::seeds::made(p.seed(), i);
         let mut order: Vec<usize> = (0..dim).collect();
         match cfg.permutation {
             PermutationKind::Random => order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed)),
@@ -45,14 +42,13 @@ pub(super) fn build(
             order: cfg.order_agnostic,
             connectivity: cfg.connectivity_agnostic,
         });
+        let mut step = Chain::new();
         if cfg.family == Family::Iaf {
-            layers.push(Box::new(Inverse(made)));
+            step.push(Inverse(made));
         } else {
-            layers.push(Box::new(made));
+            step.push(made);
         }
-        if cfg.batch_norm && i + 1 < n {
-            layers.push(super::batch_norm(cfg, dim, i, p)?);
-        }
+        steps.push(step);
     }
-    Ok(())
+    stack(cfg, dim, p, steps, BatchNormAt::Between)
 }

@@ -5,10 +5,13 @@
 use candle_core::{Result, Tensor};
 use flowpack::onnx::ModelProto;
 use flowpack::signature::{DATA, LATENT, LOG_PROB};
-use flowpack::Cost;
+use flowpack::{Base, Cost};
 
-use crate::bijectors::{BatchNorm, Bijector, ElementwiseAffine, LogDet, Logit};
-use crate::config::{Family, ModelConfig};
+use crate::bijectors::{
+    BatchNorm, Bijector, Chain, Coupling, Ctx, Elementwise, ElementwiseAffine, LogDetSum, Logit,
+    Permutation,
+};
+use crate::config::{Family, ModelConfig, PermutationKind};
 use crate::onnx::Graph;
 use crate::params::Params;
 
@@ -20,8 +23,9 @@ mod realnvp;
 /// log(2π).
 const LN_2PI: f64 = 1.837_877_066_409_345_5;
 
-/// A normalizing flow over events of shape `event` (`[D]` rows or `[C, H, W]` images). Its
-/// candle API takes and returns flat `[N, D]` rows; image layers see `[N, C, H, W]`.
+/// A normalizing flow over events of shape `event` (`[D]` rows or `[C, H, W]` images): a
+/// chain of bijectors (the first ones preprocessing) over a base density. Its candle API
+/// takes and returns flat `[N, D]` rows; image layers see `[N, C, H, W]`.
 pub struct Flow {
     /// The family it was built as.
     pub family: Family,
@@ -29,8 +33,10 @@ pub struct Flow {
     pub dim: usize,
     /// The event shape of data and latents.
     pub event: Vec<usize>,
-    /// data → latent order; the first ones are preprocessing.
-    pub layers: Vec<Box<dyn Bijector>>,
+    /// data → latent.
+    pub chain: Chain,
+    /// The density of the latent.
+    pub base: Base,
 }
 
 /// Per-feature standardisation fitted on the training split: `z = (x - shift) / scale`.
@@ -70,22 +76,20 @@ impl Flow {
         params: &Params,
     ) -> Result<Flow> {
         let dim = event.iter().product();
-        let mut layers: Vec<Box<dyn Bijector>> = Vec::new();
+        let mut chain = Chain::new();
         match pre {
             Preprocess::None => {}
-            Preprocess::Standardize(s) => layers.push(Box::new(ElementwiseAffine::new(
+            Preprocess::Standardize(s) => chain.push(ElementwiseAffine::new(
                 &params.pp("standardize"),
                 &s.shift,
                 &s.scale,
-            )?)),
-            Preprocess::Logit { low, high } => {
-                layers.push(Box::new(Logit::new(low, high, LOGIT_ALPHA)?))
-            }
+            )?),
+            Preprocess::Logit { low, high } => chain.push(Logit::new(low, high, LOGIT_ALPHA)?),
         }
-        match cfg.family {
-            Family::Nice => nice::build(cfg, dim, params, &mut layers)?,
-            Family::Realnvp => realnvp::build(cfg, dim, params, &mut layers)?,
-            Family::Made | Family::Maf | Family::Iaf => maf::build(cfg, dim, params, &mut layers)?,
+        chain.append(match cfg.family {
+            Family::Nice => nice::build(cfg, dim, params)?,
+            Family::Realnvp => realnvp::build(cfg, dim, params)?,
+            Family::Made | Family::Maf | Family::Iaf => maf::build(cfg, dim, params)?,
             Family::Glow | Family::RealnvpImage => {
                 let shape: [usize; 3] = event.try_into().map_err(|_| {
                     candle_core::Error::Msg(format!(
@@ -93,14 +97,15 @@ impl Flow {
                         cfg.family.as_str()
                     ))
                 })?;
-                image::build(cfg, shape, params, &mut layers)?
+                image::build(cfg, shape, params)?
             }
-        }
+        });
         Ok(Flow {
             family: cfg.family,
             dim,
             event: event.to_vec(),
-            layers,
+            chain,
+            base: Base::StandardNormal,
         })
     }
 
@@ -116,101 +121,62 @@ impl Flow {
 
     /// How the two directions scale with the dimension: sequential if any layer's is.
     pub fn costs(&self) -> [Cost; 2] {
-        let seq = |f: fn(&dyn Bijector) -> Cost| {
-            if self
-                .layers
-                .iter()
-                .any(|l| f(l.as_ref()) == Cost::Sequential)
-            {
-                Cost::Sequential
-            } else {
-                Cost::OnePass
-            }
-        };
-        [seq(|b| b.encode_cost()), seq(|b| b.decode_cost())]
+        self.chain.cost()
     }
 
-    /// Training (batch statistics) or evaluation behaviour for every layer.
-    pub fn set_training(&self, training: bool) {
-        for l in &self.layers {
-            l.set_training(training);
+    /// log of the base density per row of flat latents `z`.
+    pub fn base_log_prob(&self, z: &Tensor) -> Result<Tensor> {
+        match self.base {
+            Base::StandardNormal => {
+                let d = z.dim(1)? as f64;
+                (z.sqr()?.sum(1)? * -0.5)? - 0.5 * d * LN_2PI
+            }
         }
     }
 
     /// data → latent (`[N, D]` rows both), with the summed log|det| per row.
-    pub fn encode(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut z = self.shaped(x)?;
-        let mut total: Option<Tensor> = None;
-        for l in &self.layers {
-            let (next, ld) = l.encode(&z)?;
-            z = next;
-            total = Some(match total {
-                Some(t) => (t + ld)?,
-                None => ld,
-            });
-        }
-        let total = match total {
-            Some(t) => t,
-            None => Tensor::zeros(x.dim(0)?, x.dtype(), x.device())?,
-        };
-        Ok((z.flatten_from(1)?, total))
+    pub fn encode(&self, x: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)> {
+        let (z, ld) = self.chain.encode(&self.shaped(x)?, cx)?;
+        Ok((z.flatten_from(1)?, ld))
     }
 
     /// log p(x) per row.
-    pub fn log_prob(&self, x: &Tensor) -> Result<Tensor> {
-        let (z, ld) = self.encode(x)?;
-        base_log_prob(&z)? + ld
+    pub fn log_prob(&self, x: &Tensor, cx: &Ctx) -> Result<Tensor> {
+        let (z, ld) = self.encode(x, cx)?;
+        self.base_log_prob(&z)? + ld
+    }
+
+    /// latent → data (`[N, D]` rows both).
+    pub fn decode(&self, z: &Tensor, cx: &Ctx) -> Result<Tensor> {
+        self.chain.decode(&self.shaped(z)?, cx)?.flatten_from(1)
     }
 
     /// latent → data with log q(x) of each sample: `log N(z) − Σ log|det ∂x/∂z|`. One pass
     /// for IAF, which is what makes density distillation fast.
-    pub fn sample_with_log_prob(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut x = self.shaped(z)?;
-        let mut lp = base_log_prob(z)?;
-        for l in self.layers.iter().rev() {
-            let (next, ld) = l.decode_with_log_det(&x)?;
-            x = next;
-            lp = (lp - ld)?;
-        }
-        Ok((x.flatten_from(1)?, lp))
+    pub fn sample_with_log_prob(&self, z: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)> {
+        let (x, ld) = self.chain.decode_with_log_det(&self.shaped(z)?, cx)?;
+        Ok((x.flatten_from(1)?, (self.base_log_prob(z)? - ld)?))
     }
 
     /// Monte-Carlo reverse KL(self ‖ teacher) in nats: the mean of `log q(x) − log p(x)`
     /// over samples `x` of this flow decoded from the base draws `z`. Differentiable in this
-    /// flow's parameters (the reparameterisation trick).
-    pub fn reverse_kl(&self, teacher: &Flow, z: &Tensor) -> Result<Tensor> {
-        let (x, log_q) = self.sample_with_log_prob(z)?;
-        (log_q - teacher.log_prob(&x)?)?.mean_all()
+    /// flow's parameters (the reparameterisation trick); the teacher is evaluated as
+    /// exported.
+    pub fn reverse_kl(&self, teacher: &Flow, z: &Tensor, cx: &Ctx) -> Result<Tensor> {
+        let (x, log_q) = self.sample_with_log_prob(z, cx)?;
+        (log_q - teacher.log_prob(&x, &Ctx::EVAL)?)?.mean_all()
     }
 
-    /// Uses mask set `k` in every masked layer (0: the exported one).
-    pub fn select_masks(&self, k: u64) -> Result<()> {
-        self.layers.iter().try_for_each(|l| l.select_masks(k))
-    }
-
-    /// log p(x) per row averaged over mask sets `0..ensemble` as densities:
-    /// `log (1/K) Σₖ pₖ(x)`, by log-sum-exp. Leaves mask set 0 selected.
+    /// log p(x) per row (evaluation) averaged over mask sets `0..ensemble` as densities:
+    /// `log (1/K) Σₖ pₖ(x)`, by log-sum-exp.
     pub fn ensemble_log_prob(&self, x: &Tensor, ensemble: usize) -> Result<Tensor> {
         if ensemble <= 1 {
-            self.select_masks(0)?;
-            return self.log_prob(x);
+            return self.log_prob(x, &Ctx::EVAL);
         }
-        let mut each = Vec::with_capacity(ensemble);
-        for k in 0..ensemble as u64 {
-            self.select_masks(k)?;
-            each.push(self.log_prob(x)?);
-        }
-        self.select_masks(0)?;
+        let each = (0..ensemble as u64)
+            .map(|k| self.log_prob(x, &Ctx::eval(k)))
+            .collect::<Result<Vec<_>>>()?;
         Tensor::stack(&each, 0)?.log_sum_exp(0)? - (ensemble as f64).ln()
-    }
-
-    /// latent → data (`[N, D]` rows both).
-    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let mut x = self.shaped(z)?;
-        for l in self.layers.iter().rev() {
-            x = l.decode(&x)?;
-        }
-        x.flatten_from(1)
     }
 
     /// `encode.onnx`: `x[N, ...event] → z[N, ...event], log_prob[N]`, evaluation behaviour.
@@ -218,25 +184,17 @@ impl Flow {
         let mut g = Graph::new();
         let event = self.event.clone();
         let x = g.input(DATA, &event);
-        let mut z = x;
-        let mut constant = -0.5 * self.dim as f64 * LN_2PI;
-        let mut rows = Vec::new();
-        for l in &self.layers {
-            let (next, ld) = l.emit_encode(&mut g, &z)?;
-            z = next;
-            match ld {
-                LogDet::Const(c) => constant += c,
-                LogDet::Rows(v) => rows.push(v),
-            }
-        }
+        let Base::StandardNormal = self.base;
+        let mut sum = LogDetSum::new(-0.5 * self.dim as f64 * LN_2PI);
+        let z = self.chain.emit_encode_sum(&mut g, &x, &mut sum)?;
         let sq = g.mul(&z, &z);
-        let ss = g.sum_per_row(&sq);
+        let ss = g.sum_per_row(&sq, Some(1 + event.len()));
         let half = g.scalar("neg_half", -0.5);
         let mut lp = g.mul(&ss, &half);
-        let c = g.scalar("log_prob_constant", constant as f32);
+        let c = g.scalar("log_prob_constant", sum.constant as f32);
         lp = g.add(&lp, &c);
-        for r in rows {
-            lp = g.add(&lp, &r);
+        if let Some(rows) = sum.rows {
+            lp = g.add(&lp, &rows);
         }
         g.output(&z, LATENT, &event);
         g.output(&lp, LOG_PROB, &[]);
@@ -250,28 +208,88 @@ impl Flow {
     pub fn decode_graph(&self, name: &str) -> Result<ModelProto> {
         let mut g = Graph::new();
         let event = self.event.clone();
-        let mut x = g.input(LATENT, &event);
-        for l in self.layers.iter().rev() {
-            x = l.emit_decode(&mut g, &x)?;
-        }
+        let z = g.input(LATENT, &event);
+        let x = self.chain.emit_decode(&mut g, &z)?;
         g.output(&x, DATA, &event);
         Ok(g.finish(&format!("{name}_decode"), "latent → data"))
     }
 }
 
-/// The batch norm that follows layer `i` when the config asks for one.
-fn batch_norm(cfg: &ModelConfig, dim: usize, i: usize, p: &Params) -> Result<Box<dyn Bijector>> {
-    let bn = BatchNorm::new(
-        &p.pp(format!("batch_norm{i}")),
-        dim,
-        cfg.batch_norm_momentum,
-        1e-5,
-    )?;
-    Ok(Box::new(bn))
+/// Where batch norm goes in a stack of steps, when the config asks for it.
+#[derive(Clone, Copy)]
+enum BatchNormAt {
+    /// After every step (NICE).
+    AfterEach,
+    /// Between steps, not after the last (RealNVP, MAF — as in the MAF paper).
+    Between,
 }
 
-/// log N(z; 0, I) per row.
-pub fn base_log_prob(z: &Tensor) -> Result<Tensor> {
-    let d = z.dim(1)? as f64;
-    (z.sqr()?.sum(1)? * -0.5)? - 0.5 * d * LN_2PI
+/// The steps chained, with a batch norm over `dim` features placed by `at` when
+/// `cfg.batch_norm` is set (parameters `batch_norm{i}` after step `i`).
+fn stack(
+    cfg: &ModelConfig,
+    dim: usize,
+    p: &Params,
+    steps: Vec<Chain>,
+    at: BatchNormAt,
+) -> Result<Chain> {
+    let n = steps.len();
+    let mut chain = Chain::new();
+    for (i, step) in steps.into_iter().enumerate() {
+        chain.append(step);
+        let wanted = match at {
+            BatchNormAt::AfterEach => true,
+            BatchNormAt::Between => i + 1 < n,
+        };
+        if cfg.batch_norm && wanted {
+            let bn = BatchNorm::new(
+                &p.pp(format!("batch_norm{i}")),
+                dim,
+                cfg.batch_norm_momentum,
+                1e-5,
+            )?;
+            chain.push(bn);
+        }
+    }
+    Ok(chain)
+}
+
+/// `cfg.layers` coupling steps over rows of `dim` features with elementwise map `map`: each
+/// the configured permutation (none before the first) and a coupling (parameters
+/// `coupling{i}`) whose mask is flipped on alternate steps when there is no permutation.
+fn coupling_steps(
+    cfg: &ModelConfig,
+    dim: usize,
+    p: &Params,
+    map: Elementwise,
+) -> Result<Vec<Chain>> {
+    let mut steps = Vec::new();
+    for i in 0..cfg.layers {
+        let mut step = Chain::new();
+        let flip = match cfg.permutation {
+            _ if i == 0 => false,
+            PermutationKind::None => i % 2 == 1,
+            PermutationKind::Reverse => {
+                step.push(Permutation::reverse(dim)?);
+                false
+            }
+            PermutationKind::Random => {
+                let seed = crate::seeds::permutation(p.seed(), i);
+                step.push(Permutation::random(dim, seed)?);
+                false
+            }
+        };
+        step.push(Coupling::rows(
+            &p.pp(format!("coupling{i}")),
+            dim,
+            cfg.mask,
+            flip,
+            cfg.hidden,
+            cfg.hidden_layers,
+            cfg.activation,
+            map,
+        )?);
+        steps.push(step);
+    }
+    Ok(steps)
 }

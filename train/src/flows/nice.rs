@@ -1,35 +1,16 @@
-//! NICE (Dinh et al., 2014): additive couplings with alternating halves, then a diagonal
-//! scaling that carries the whole log-det.
+//! NICE (Dinh et al., 2014): additive couplings with alternating halves (batch norm after
+//! each, if asked), then a diagonal scaling that carries the whole log-det.
 
 use candle_core::Result;
 
-use super::realnvp::between;
-use crate::bijectors::{AdditiveCoupling, Bijector, DiagonalScaling};
+use super::{coupling_steps, stack, BatchNormAt};
+use crate::bijectors::{Chain, DiagonalScaling, Elementwise};
 use crate::config::ModelConfig;
 use crate::params::Params;
 
-pub(super) fn build(
-    cfg: &ModelConfig,
-    dim: usize,
-    p: &Params,
-    layers: &mut Vec<Box<dyn Bijector>>,
-) -> Result<()> {
-    for i in 0..cfg.layers {
-        let flip = between(cfg, dim, i, p, layers)?;
-        let lp = p.pp(format!("coupling{i}"));
-        layers.push(Box::new(AdditiveCoupling::new(
-            &lp,
-            dim,
-            cfg.mask,
-            flip,
-            cfg.hidden,
-            cfg.hidden_layers,
-            cfg.activation,
-        )?));
-        if cfg.batch_norm {
-            layers.push(super::batch_norm(cfg, dim, i, p)?);
-        }
-    }
-    layers.push(Box::new(DiagonalScaling::new(&p.pp("scaling"), dim)?));
-    Ok(())
+pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params) -> Result<Chain> {
+    let steps = coupling_steps(cfg, dim, p, Elementwise::Shift)?;
+    let mut chain = stack(cfg, dim, p, steps, BatchNormAt::AfterEach)?;
+    chain.push(DiagonalScaling::new(&p.pp("scaling"), dim)?);
+    Ok(chain)
 }

@@ -297,15 +297,23 @@ impl Graph {
             vec![("pads", Attr::Ints(vec![p, p, p, p]))],
         )
     }
-    /// Sum over all axes but the first: `[N, ...] → [N]`.
-    pub fn sum_per_row(&mut self, x: &Value) -> Value {
-        let flat = self.op("Flatten", &[x], vec![("axis", Attr::Int(1))]);
-        let axes = self.constant_i64("axes", &[1], &[1]);
-        self.op(
-            "ReduceSum",
-            &[&flat, &axes],
-            vec![("keepdims", Attr::Int(0))],
-        )
+    /// Sum over all axes but the first: `[N, ...] → [N]`, for a value of rank `rank` (one
+    /// node), or of any rank (`None`: flattened first).
+    pub fn sum_per_row(&mut self, x: &Value, rank: Option<usize>) -> Value {
+        let (x, rank) = match rank {
+            Some(r) => (x.clone(), r),
+            None => (self.op("Flatten", &[x], vec![("axis", Attr::Int(1))]), 2),
+        };
+        let axes: Vec<i64> = (1..rank as i64).collect();
+        let axes = self.constant_i64("axes", &axes, &[axes.len()]);
+        self.op("ReduceSum", &[&x, &axes], vec![("keepdims", Attr::Int(0))])
+    }
+
+    /// The two halves of `x` along `axis`.
+    pub fn halves(&mut self, x: &Value, axis: i64) -> (Value, Value) {
+        let mut out = self.node("Split", &[x], vec![("axis", Attr::Int(axis))], 2);
+        let second = out.pop().expect("two outputs");
+        (out.pop().expect("two outputs"), second)
     }
 
     /// Turns the graph into an opset-17 model.
