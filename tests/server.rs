@@ -993,3 +993,168 @@ async fn sample_png_is_a_picture_of_the_grid() {
         "{e}"
     );
 }
+
+/// A response never carries a non-finite number (JSON would say `null`): a temperature or
+/// an input that overflows float32 is a 422 naming the field and the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overflowing_values_are_a_422_never_nulls() {
+    let server = Server::start(&bundled_models(), &[]);
+    server.ready().await;
+    let cases = [
+        (
+            "/sample",
+            json!({"model": "moons", "num_samples": 2, "temperature": 1e308}),
+            "temperature: 1e308 makes the latent noise overflow",
+        ),
+        (
+            "/log_prob",
+            json!({"model": "moons", "inputs": [[0.5, 0.5], [3e38, 1.0]]}),
+            "inputs[1]: log_prob is not a finite float32",
+        ),
+        (
+            "/encode",
+            json!({"model": "wine", "inputs": [vec![3e38f32; 11]]}),
+            "inputs[0]",
+        ),
+        (
+            "/decode",
+            json!({"model": "moons", "latents": [[0.1, 0.2], [3e38, 3e38]]}),
+            "latents[1]: the decoded sample overflowed float32",
+        ),
+    ];
+    for (path, body, needle) in cases {
+        let (s, v) = server.post(path, body).await;
+        assert_eq!(s, 422, "{path}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_input");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains(needle),
+            "{path}: {msg:?} should say {needle:?}"
+        );
+    }
+    // A large but representable temperature still answers with finite numbers.
+    let (s, v) = server
+        .post(
+            "/sample",
+            json!({"model": "moons", "num_samples": 3, "temperature": 1e6}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(floats(&v["samples"]).iter().all(|x| x.is_finite()));
+}
+
+/// `--max-request-rows` bounds rows and samples per request, apart from the queue's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_row_limit_is_its_own_flag() {
+    let server = Server::start(&bundled_models(), &["--max-request-rows", "4"]);
+    server.ready().await;
+    let (s, _) = server
+        .post(
+            "/log_prob",
+            json!({"model": "moons", "inputs": vec![[0.1, 0.2]; 4]}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = server
+        .post(
+            "/log_prob",
+            json!({"model": "moons", "inputs": vec![[0.1, 0.2]; 5]}),
+        )
+        .await;
+    assert_eq!(s, 413, "{v}");
+    assert_eq!(v["error"]["type"], "payload_too_large");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("5 rows in one request; the limit is 4"));
+    let (s, v) = server
+        .post("/sample", json!({"model": "moons", "num_samples": 5}))
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("between 1 and 4"));
+}
+
+/// Failed requests are measured too: their status, the rows they brought, their latency
+/// and why they failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_requests_are_counted_with_rows_latency_and_reason() {
+    let server = Server::start(&bundled_models(), &["--max-queue-delay-us", "2000000"]);
+    server.ready().await;
+    let r = server
+        .client
+        .post(server.url("/v1/models/moons/log_prob"))
+        .header("x-request-timeout-ms", "100")
+        .json(&json!({"inputs": [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(r.headers().contains_key("x-total-time-us"));
+    let (s, _) = server
+        .post("/log_prob", json!({"model": "moons", "inputs": []}))
+        .await;
+    assert_eq!(s, 422);
+    let (s, _) = server
+        .post("/log_prob", json!({"model": "nope", "inputs": [[1, 2]]}))
+        .await;
+    assert_eq!(s, 404);
+    let text = server.metrics().await;
+    for line in [
+        "flowserve_requests_total{code=\"504\",endpoint=\"log_prob\",model=\"moons\",version=\"1\"} 1",
+        "flowserve_requests_total{code=\"422\",endpoint=\"log_prob\",model=\"moons\",version=\"1\"} 1",
+        "flowserve_requests_total{code=\"404\",endpoint=\"log_prob\",model=\"\",version=\"\"} 1",
+        "flowserve_rows_total{endpoint=\"log_prob\",model=\"moons\",outcome=\"error\",version=\"1\"} 3",
+        "flowserve_rows_total{endpoint=\"log_prob\",model=\"moons\",outcome=\"ok\",version=\"1\"} 0",
+        "flowserve_request_duration_seconds_count{endpoint=\"log_prob\",model=\"moons\",version=\"1\"} 2",
+        "flowserve_rejections_total{model=\"moons\",reason=\"timeout\"} 1",
+        "flowserve_rejections_total{model=\"moons\",reason=\"invalid\"} 1",
+        "flowserve_rejections_total{model=\"\",reason=\"invalid\"} 1",
+        "flowserve_in_flight_requests 0",
+    ] {
+        assert!(text.contains(line), "missing {line}:\n{text}");
+    }
+}
+
+/// A drain that runs out of time exits non-zero, so an orchestrator can tell that requests
+/// were cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_cut_short_exits_non_zero() {
+    let mut server = Server::start(
+        &bundled_models(),
+        &[
+            "--max-queue-delay-us",
+            "5000000",
+            "--max-batch-rows",
+            "1000",
+            "--shutdown-timeout-ms",
+            "300",
+        ],
+    );
+    server.ready().await;
+    let client = server.client.clone();
+    let url = server.url("/log_prob");
+    let pending = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&json!({"model": "moons", "inputs": [[0.1, 0.2]]}))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    server.terminate();
+    let status = server.child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "exited at the timeout, not after the batch ({:?})",
+        started.elapsed()
+    );
+    assert!(
+        pending.await.unwrap().is_err(),
+        "the cut-off request got no answer"
+    );
+}

@@ -123,10 +123,14 @@ pub(super) async fn sample(
     let n = req.num_samples as usize;
     let seed = req.seed.unwrap_or_else(rand::random);
     let z = flowpack::sampling::latent_noise(n, model.event_size, t, seed);
-    let why = format!("temperature {t} makes the sample overflow float32; lower it");
-    finite(&z, model.event_size, "samples", &why)?;
+    if z.iter().any(|v| !v.is_finite()) {
+        return Err(ApiError::Invalid(format!(
+            "temperature: {t:?} makes the latent noise overflow float32; lower it"
+        )));
+    }
     let out = call.submit(&model, Direction::Decode, z, d).await?;
     let x = &out.values[0];
+    let why = format!("the decoded sample overflowed float32 at temperature {t:?}; lower it");
     finite(x, model.event_size, "samples", &why)?;
     if !picture {
         return Ok(samples(&model, x, Some((seed, t)), &out));
