@@ -50,11 +50,13 @@ models: ort
 	$(CARGO) build --release -p flowtrain
 	scripts/make-models.sh $(FLOWTRAIN) models
 
-## Training and serving benchmarks; results go to BENCHMARKS.md.
+## Training and serving benchmarks; results go to BENCHMARKS.md. BASELINE=path/to/flowserve
+## also runs the serving scenarios (a) and (b) against another build, alternating, for a
+## before/after comparison in one run.
 bench: ort data
 	$(CARGO) build --release -p flowtrain -p flowserve
 	scripts/bench-train.sh $(FLOWTRAIN) BENCHMARKS.md
-	$(CARGO) bench --bench serve -- --seconds 5 --rounds 3 --out BENCHMARKS.md
+	$(CARGO) bench --bench serve -- --seconds 5 --rounds 3 --out BENCHMARKS.md $(if $(BASELINE),--baseline $(BASELINE))
 	scripts/bench-cost.sh $(FLOWTRAIN) runs/cost
 	$(CARGO) bench --bench cost -- --models runs/cost/models --seconds 3 --rounds 3 --out BENCHMARKS.md
 

@@ -11,7 +11,7 @@
 //! rounds, for a before/after comparison.
 //!
 //! Usage: cargo bench --bench serve -- [--seconds S] [--rounds R] [--out BENCHMARKS.md]
-//!                                     [--baseline path/to/flowserve]
+//!                                     [--baseline path/to/flowserve [--baseline-label TEXT]]
 //!        cargo bench --bench serve -- --load http://127.0.0.1:8080/log_prob
 //!                                     [--rows N] [--conns C] [--seconds S]
 //!        (only a load, against a server you started, e.g. to profile it)
@@ -144,6 +144,14 @@ fn main() {
         .iter()
         .position(|a| a == "--baseline")
         .map(|i| PathBuf::from(&args[i + 1]));
+    let baseline_label = baseline.as_ref().map(|b| {
+        let label = get("--baseline-label", "");
+        if label.is_empty() {
+            format!("`{}`", b.display())
+        } else {
+            label
+        }
+    });
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let server_bin = server_binary(root);
     let models = root.join("models");
@@ -167,9 +175,9 @@ fn main() {
         names.push("(a′) as (a), server on CPU 0, load on CPU 1".into());
         names.push("(d′) as (d), floor on CPU 0, load on CPU 1".into());
     }
-    if let Some(b) = &baseline {
-        names.push(format!("(a°) as (a), baseline `{}`", b.display()));
-        names.push(format!("(b°) as (b), baseline `{}`", b.display()));
+    if let Some(label) = &baseline_label {
+        names.push(format!("(a°) as (a), baseline: {label}"));
+        names.push(format!("(b°) as (b), baseline: {label}"));
     }
     let index = |prefix: &str| names.iter().position(|n| n.starts_with(prefix)).unwrap();
     let mut results: Vec<Vec<Load>> = (0..names.len()).map(|_| Vec::new()).collect();
@@ -287,7 +295,11 @@ Unbatched, every request pays one ONNX Runtime call on the model's one engine th
 the graph's per-call cost; batched, (a) is bounded by HTTP and JSON, i.e. by (d), plus the engine's CPU time, \
 which shares the same cores. The batching ratio can reach at most (d) / (a1) = **{:.1}×** here, even with zero \
 server overhead.\n",
-        if baseline.is_some() { " --baseline …" } else { "" },
+        if baseline.is_some() {
+            " --baseline …"
+        } else {
+            ""
+        },
         ratio("(d)", "(a1)"),
     );
     println!("{section}");
