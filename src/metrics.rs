@@ -336,8 +336,8 @@ impl Metrics {
         }
     }
 
-    /// The series of a model version that finished loading in `load` on `providers`
-    /// (encode, decode), created at zero so dashboards see the model at once.
+    /// The series of a model version that finished loading in `load` on `providers` (by
+    /// [`Direction::index`]), created at zero so dashboards see the model at once.
     pub fn for_model(
         &self,
         name: &str,

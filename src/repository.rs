@@ -27,8 +27,7 @@ pub struct Model {
     pub package: Package,
     /// Scalars per example.
     pub event_size: usize,
-    /// Providers the two sessions run on (encode, decode).
-    pub providers: [Provider; 2],
+    providers: [Provider; 2],
     /// Its metric series.
     pub metrics: ModelMetrics,
     queues: [Batcher; 2],
@@ -40,6 +39,11 @@ impl Model {
     /// `/decode` decode).
     pub fn queue(&self, graph: Direction) -> &Batcher {
         &self.queues[graph.index()]
+    }
+
+    /// The execution provider one graph's session runs on.
+    pub fn provider(&self, graph: Direction) -> Provider {
+        self.providers[graph.index()]
     }
 }
 
@@ -134,7 +138,7 @@ async fn load_version(
     let Opened { package, sessions } = tokio::task::spawn_blocking(move || open(&dir, &opts))
         .await
         .map_err(|e| format!("loading panicked: {e}"))??;
-    let providers = [sessions[0].provider, sessions[1].provider];
+    let providers = sessions.each_ref().map(|s| s.provider);
     for (graph, s) in Direction::BOTH.iter().zip(&sessions) {
         for why in &s.skipped {
             tracing::warn!(

@@ -223,8 +223,8 @@ fn summary(m: &Model) -> Summary<'_> {
             decode: man.graphs.decode.cost,
         },
         execution_providers: Providers {
-            encode: m.providers[0].as_str(),
-            decode: m.providers[1].as_str(),
+            encode: m.provider(Direction::Encode).as_str(),
+            decode: m.provider(Direction::Decode).as_str(),
         },
         calibration: &man.calibration,
     }

@@ -13,7 +13,7 @@
 //! holds everything that arrived meanwhile; when a full batch waits, it is formed at once
 //! and waits in the channel, so the engine never idles between large batches. Measured on
 //! single-row load, forming each batch as soon as the channel had room (from whatever had
-//! arrived by then) gave smaller batches, more ONNX Runtime calls and about 12 % fewer rows
+//! arrived by then) gave smaller batches, more ONNX Runtime calls and about 7 % fewer rows
 //! per second; a pull model (the engine thread locking the queue and forming its own batch)
 //! was slower still, since it formed batches greedily and serialised forming with answering.
 
