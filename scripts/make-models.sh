@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled model packages in models/ from fixed seeds.
 # Usage: scripts/make-models.sh [path/to/flowtrain] [models-dir]   (ONLY=name: just that one)
+# shuttle needs `make data` (scripts/fetch-data.sh) first.
 set -euo pipefail
 FLOWTRAIN=${1:-target/release/flowtrain}
 MODELS=${2:-models}
@@ -14,11 +15,13 @@ while IFS='|' read -r name args; do
   # shellcheck disable=SC2086
   "$FLOWTRAIN" train $args --name "$name" --out "$RUNS/$name" --fresh --quiet
   mkdir -p "$MODELS/$name/1"
-  cp "$RUNS/$name"/{flow.json,encode.onnx,decode.onnx} "$MODELS/$name/1/"
+  rm -f "$MODELS/$name/1/"*
+  cp "$RUNS/$name"/{flow.json,encode.onnx,decode.onnx,reference.bin} "$MODELS/$name/1/"
 done <<'LIST'
 moons|--family realnvp --data moons --layers 6 --hidden 64 --steps 4000 --seed 1
 wine|--family realnvp --data wine --layers 5 --hidden 100 --batch-norm true --steps 4000 --eval-every 50 --patience 20 --seed 1
-wine_maf|--family maf --data wine --layers 5 --hidden 100 --batch-norm true --steps 4000 --eval-every 50 --patience 20 --seed 1
+wine_maf|--family maf --data wine --layers 5 --hidden 100 --batch-norm true --permutation reverse --steps 4000 --eval-every 50 --patience 20 --seed 1
+shuttle|--preset anomaly --data .data/shuttle_normal.csv --seed 1
 digits|--family glow --data digits --layers 4 --levels 2 --hidden 32 --steps 1500 --eval-every 100 --patience 5 --seed 1
 LIST
 echo "bundled packages are in $MODELS/"

@@ -13,11 +13,13 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod batch;
 pub mod batcher;
 pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod repository;
+pub mod scoring;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

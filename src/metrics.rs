@@ -24,15 +24,18 @@ pub enum Endpoint {
     Sample,
     /// `POST /decode`
     Decode,
+    /// `POST /score`
+    Score,
 }
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 4] = [
+    pub const ALL: [Endpoint; 5] = [
         Endpoint::LogProb,
         Endpoint::Encode,
         Endpoint::Sample,
         Endpoint::Decode,
+        Endpoint::Score,
     ];
 
     /// The label value (and the route's last segment).
@@ -42,6 +45,7 @@ impl Endpoint {
             Endpoint::Encode => "encode",
             Endpoint::Sample => "sample",
             Endpoint::Decode => "decode",
+            Endpoint::Score => "score",
         }
     }
 }
@@ -102,7 +106,11 @@ pub struct Metrics {
     /// Packages refused at load.
     pub model_load_failures: IntCounter,
     log_prob: HistogramVec,
+    tail_probability: HistogramVec,
 }
+
+/// Upper bounds of the tail-probability histogram: fine in the tail, where alerts look.
+pub const TAIL_BUCKETS: [f64; 10] = [1e-4, 1e-3, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
 
 /// The series one queue (one graph of one model) updates.
 #[derive(Clone)]
@@ -135,10 +143,11 @@ pub struct ModelMetrics {
     name: String,
     version: String,
     requests: IntCounterVec,
-    endpoints: [EndpointSeries; 4],
+    endpoints: [EndpointSeries; 5],
     queues: [QueueMetrics; 2],
     rejections: [IntCounter; 5],
     log_prob: Histogram,
+    tail_probability: Histogram,
 }
 
 impl ModelMetrics {
@@ -182,17 +191,30 @@ impl ModelMetrics {
 
     /// Adds served log_prob values to the score-drift histogram.
     pub fn observe_log_prob(&self, values: &[f32]) {
-        if values.len() < 8 {
-            values.iter().for_each(|&v| self.log_prob.observe(v as f64));
-            return;
-        }
-        // Many values: count locally, then one atomic update per bucket.
-        let local = self.log_prob.local();
-        for &v in values {
-            local.observe(v as f64);
-        }
-        local.flush();
+        observe(
+            &self.log_prob,
+            values.iter().map(|&v| v as f64),
+            values.len(),
+        );
     }
+
+    /// Adds the tail probabilities of served rows (against the model's reference set) to
+    /// the drift histogram: about 1 % of traffic below 0.01 while it looks like the
+    /// reference.
+    pub fn observe_tail_probabilities(&self, values: &[f64]) {
+        observe(&self.tail_probability, values.iter().copied(), values.len());
+    }
+}
+
+fn observe(h: &Histogram, values: impl Iterator<Item = f64>, n: usize) {
+    if n < 8 {
+        values.for_each(|v| h.observe(v));
+        return;
+    }
+    // Many values: count locally, then one atomic update per bucket.
+    let local = h.local();
+    values.for_each(|v| local.observe(v));
+    local.flush();
 }
 
 /// Registers `c` and hands it back.
@@ -332,6 +354,18 @@ impl Metrics {
                 )
                 .expect("valid histogram"),
             ),
+            tail_probability: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "tail_probability",
+                        "Tail probabilities of served rows against the model's reference set (drift: the share below 0.01 is 1 % when traffic looks like the reference)",
+                    )
+                    .buckets(TAIL_BUCKETS.to_vec()),
+                    &["model", "version"],
+                )
+                .expect("valid histogram"),
+            ),
             registry: r,
         }
     }
@@ -387,6 +421,7 @@ impl Metrics {
             rejections: Rejection::ALL
                 .map(|r| self.rejections.with_label_values(&[name, r.label()])),
             log_prob: self.log_prob.with_label_values(&[name, &v]),
+            tail_probability: self.tail_probability.with_label_values(&[name, &v]),
             requests: self.requests.clone(),
             name: name.to_string(),
             version: v,

@@ -186,3 +186,49 @@ async fn rules_and_dashboard_query_metrics_that_exist() {
         "the rules and the dashboard query the metrics ({checked})"
     );
 }
+
+/// The batch-scoring Job runs `flowserve score` with arguments the binary accepts, one
+/// shard per completion index, on the serving image.
+#[test]
+fn the_scoring_job_shards_the_table_by_completion_index() {
+    use clap::Args;
+    let job = yaml("deploy/score-job.yaml");
+    assert_eq!(job["kind"].as_str(), Some("Job"));
+    let spec = &job["spec"];
+    assert_eq!(spec["completionMode"].as_str(), Some("Indexed"));
+    let n = spec["completions"].as_i64().unwrap();
+    let c = &spec["template"]["spec"]["containers"][0];
+    let deployment = yaml("deploy/deployment.yaml");
+    assert_eq!(
+        c["image"],
+        container(&deployment)["image"],
+        "the serving image"
+    );
+    let index_from = c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"]
+        .as_str()
+        .unwrap();
+    assert!(index_from.contains("batch.kubernetes.io/job-completion-index"));
+    let args: Vec<&str> = c["args"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "score");
+    let mut outputs = BTreeSet::new();
+    for i in 0..n {
+        // What Kubernetes passes pod i once $(JOB_COMPLETION_INDEX) is expanded.
+        let expanded: Vec<String> = args[1..]
+            .iter()
+            .map(|a| a.replace("$(JOB_COMPLETION_INDEX)", &i.to_string()))
+            .collect();
+        let cmd = flowserve::batch::ScoreArgs::augment_args(clap::Command::new("score"));
+        let m = cmd
+            .try_get_matches_from(std::iter::once("score".to_string()).chain(expanded))
+            .unwrap_or_else(|e| panic!("pod {i}: {e}"));
+        let shard = m.get_one::<flowserve::batch::Shard>("shard").unwrap();
+        assert_eq!((shard.index, shard.count), (i as u64, n as u64));
+        outputs.insert(m.get_one::<std::path::PathBuf>("output").unwrap().clone());
+    }
+    assert_eq!(outputs.len() as i64, n, "each pod writes its own part");
+}

@@ -100,5 +100,5 @@ async fn every_example_in_the_spec_is_accepted() {
             "{method} {path} documents its 200 response"
         );
     }
-    assert_eq!(posted, 8);
+    assert_eq!(posted, 10);
 }

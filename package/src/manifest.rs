@@ -8,6 +8,8 @@ pub const MANIFEST_FILE: &str = "flow.json";
 pub const ENCODE_FILE: &str = "encode.onnx";
 /// File name of the latent → data graph.
 pub const DECODE_FILE: &str = "decode.onnx";
+/// File name of the reference set ([`crate::ReferenceSet`]).
+pub const REFERENCE_FILE: &str = "reference.bin";
 
 /// The graph signature's value names, written once: every exporter, loader and runner
 /// takes them from here.
@@ -18,6 +20,9 @@ pub mod signature {
     pub const LATENT: &str = "z";
     /// The exact log-density of each row: the second output of `encode.onnx`.
     pub const LOG_PROB: &str = "log_prob";
+    /// Per-feature terms summing to `log_prob`: the third output of `encode.onnx` for models
+    /// with exact contributions ([`crate::Contributions::Exact`]).
+    pub const LOG_PROB_TERMS: &str = "log_prob_terms";
 }
 
 /// One of a package's two graphs.
@@ -71,8 +76,12 @@ pub struct Manifest {
     pub domain: Domain,
     /// Held-out quality.
     pub metrics: Metrics,
-    /// Quantiles of held-out log-likelihoods, to turn a score into a percentile.
-    pub calibration: Calibration,
+    /// The log-densities of normal rows, to turn a score into a tail probability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Reference>,
+    /// Outlier threshold and per-feature explanations.
+    #[serde(default)]
+    pub scoring: Scoring,
     /// How the model was made.
     pub training: Training,
 }
@@ -105,22 +114,29 @@ impl Graphs {
     }
 
     /// The package signatures for `event`: `encode.onnx` maps `x[N, ...event]` to
-    /// `z[N, ...event], log_prob[N]`, `decode.onnx` maps `z` to `x`.
+    /// `z[N, ...event], log_prob[N]` (and `log_prob_terms[N, D]` when `terms`),
+    /// `decode.onnx` maps `z` to `x`.
     pub fn standard(
         event: &[usize],
         encode_sha256: String,
         decode_sha256: String,
         cost: [Cost; 2],
+        terms: bool,
     ) -> Graphs {
+        let mut outputs = vec![
+            TensorSpec::batched(signature::LATENT, event),
+            TensorSpec::batched(signature::LOG_PROB, &[]),
+        ];
+        if terms {
+            let d: usize = event.iter().product();
+            outputs.push(TensorSpec::batched(signature::LOG_PROB_TERMS, &[d]));
+        }
         Graphs {
             encode: Graph {
                 file: ENCODE_FILE.into(),
                 sha256: encode_sha256,
                 inputs: vec![TensorSpec::batched(signature::DATA, event)],
-                outputs: vec![
-                    TensorSpec::batched(signature::LATENT, event),
-                    TensorSpec::batched(signature::LOG_PROB, &[]),
-                ],
+                outputs,
                 cost: cost[0],
             },
             decode: Graph {
@@ -247,60 +263,72 @@ pub struct Metrics {
     pub test_bits_per_dim: Option<f64>,
 }
 
-/// Quantiles of log_prob on held-out data (the test split), as served by `encode.onnx`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+/// The reference set of normal rows whose log-densities turn a score into a tail
+/// probability (see [`crate::ReferenceSet`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Calibration {
-    /// Which data the quantiles come from.
-    pub split: String,
-    /// How many examples.
-    pub count: usize,
-    /// Ascending quantiles.
-    pub quantiles: Vec<Quantile>,
+pub struct Reference {
+    /// File name relative to the package folder ([`REFERENCE_FILE`]).
+    pub file: String,
+    /// Lower-case hex sha256 of the file's bytes.
+    pub sha256: String,
+    /// How many rows were scored.
+    pub count: u64,
+    /// Whether every row's log-density is stored (else a geometric sketch of the ranks).
+    pub exact: bool,
+    /// What the rows were: a split of the training data or a file given to `calibrate`.
+    pub source: String,
 }
 
-/// One point of the held-out log_prob distribution.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// How `/score` decides and explains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Quantile {
-    /// Probability level in [0, 1].
-    pub q: f64,
-    /// log_prob at that level.
-    pub log_prob: f64,
+pub struct Scoring {
+    /// The tail probability at or below which a row is an outlier when a request gives none.
+    pub threshold: f64,
+    /// Whether the encode graph gives exact per-feature log-density terms.
+    pub contributions: Contributions,
 }
 
-impl Calibration {
-    /// The fraction of held-out examples scoring at or below `log_prob`, interpolated
-    /// linearly between the stored quantiles (0 below the first, 1 above the last).
-    pub fn percentile(&self, log_prob: f64) -> Option<f64> {
-        let qs = &self.quantiles;
-        let first = qs.first()?;
-        let last = qs.last()?;
-        if log_prob <= first.log_prob {
-            return Some(if log_prob < first.log_prob {
-                0.0
-            } else {
-                first.q
-            });
+impl Default for Scoring {
+    fn default() -> Self {
+        Scoring {
+            threshold: DEFAULT_THRESHOLD,
+            contributions: Contributions::Unavailable {
+                reason: "not exported".into(),
+            },
         }
-        if log_prob >= last.log_prob {
-            return Some(if log_prob > last.log_prob {
-                1.0
-            } else {
-                last.q
-            });
+    }
+}
+
+/// The default outlier threshold: a tail probability of 1 %.
+pub const DEFAULT_THRESHOLD: f64 = 0.01;
+
+/// Per-feature terms of log p(x), or why a model has none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Contributions {
+    /// `encode.onnx` has a third output, `log_prob_terms[N, D]`: term i is
+    /// log p(xᵢ | the features before i in `order`), and the terms sum to `log_prob`.
+    Exact {
+        /// Feature indices in the order the model conditions on them.
+        order: Vec<usize>,
+    },
+    /// No exact decomposition (couplings mix features both ways, or autoregressive layers
+    /// use different orders); the sentence says which.
+    Unavailable {
+        /// Why, for a person.
+        reason: String,
+    },
+}
+
+impl Contributions {
+    /// The conditioning order when the terms are exact.
+    pub fn order(&self) -> Option<&[usize]> {
+        match self {
+            Contributions::Exact { order } => Some(order),
+            Contributions::Unavailable { .. } => None,
         }
-        qs.windows(2).find_map(|w| {
-            let (a, b) = (w[0], w[1]);
-            (log_prob >= a.log_prob && log_prob <= b.log_prob).then(|| {
-                let span = b.log_prob - a.log_prob;
-                if span <= 0.0 {
-                    b.q
-                } else {
-                    a.q + (b.q - a.q) * (log_prob - a.log_prob) / span
-                }
-            })
-        })
     }
 }
 

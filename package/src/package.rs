@@ -6,7 +6,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use crate::manifest::{Cost, Dim, Graph, Graphs, Manifest, TensorSpec, MANIFEST_FILE};
-use crate::{onnx, PackageError, FORMAT_VERSION};
+use crate::{onnx, PackageError, ReferenceSet, FORMAT_VERSION};
 
 /// A model package whose manifest, checksums and graph signatures have been checked.
 #[derive(Debug, Clone)]
@@ -15,6 +15,8 @@ pub struct Package {
     pub dir: PathBuf,
     /// The parsed manifest.
     pub manifest: Manifest,
+    /// The reference set, when the manifest names one (checked against its sha256).
+    pub reference: Option<ReferenceSet>,
 }
 
 /// Lower-case hex sha256 of `bytes`.
@@ -31,8 +33,9 @@ fn read(path: &Path) -> Result<Vec<u8>, PackageError> {
 
 impl Package {
     /// Reads `dir/flow.json` and checks the whole package: format version, event shape,
-    /// each graph's sha256, and that each ONNX file's inputs and outputs have the names,
-    /// element type and shapes the manifest states (`[N, ...event]`, `log_prob` as `[N]`).
+    /// each graph's sha256, that each ONNX file's inputs and outputs have the names,
+    /// element type and shapes the manifest states (`[N, ...event]`, `log_prob` as `[N]`),
+    /// and the reference set's sha256, size and order.
     pub fn open(dir: impl AsRef<Path>) -> Result<Package, PackageError> {
         let dir = dir.as_ref().to_owned();
         let path = dir.join(MANIFEST_FILE);
@@ -46,7 +49,51 @@ impl Package {
         for graph in [&manifest.graphs.encode, &manifest.graphs.decode] {
             check_graph_file(&dir, graph)?;
         }
-        Ok(Package { dir, manifest })
+        let reference = match &manifest.reference {
+            None => None,
+            Some(r) => {
+                let path = dir.join(&r.file);
+                let bytes = read(&path)?;
+                check_sha256(&path, &bytes, &r.sha256)?;
+                let set = ReferenceSet::from_bytes(&bytes, &path)?;
+                if set.len() != r.count || set.is_exact() != r.exact {
+                    return Err(PackageError::invalid(
+                        &path,
+                        format!(
+                            "the file holds {} rows ({}) but flow.json says {} ({})",
+                            set.len(),
+                            if set.is_exact() { "exact" } else { "a sketch" },
+                            r.count,
+                            if r.exact { "exact" } else { "a sketch" }
+                        ),
+                    ));
+                }
+                Some(set)
+            }
+        };
+        Ok(Package {
+            dir,
+            manifest,
+            reference,
+        })
+    }
+
+    /// Stores `set` as the package's reference set (`source` says what the rows were):
+    /// writes `reference.bin` and the manifest that names it.
+    pub fn set_reference(&mut self, set: ReferenceSet, source: &str) -> Result<(), PackageError> {
+        let bytes = set.to_bytes();
+        let path = self.dir.join(crate::REFERENCE_FILE);
+        std::fs::write(&path, &bytes).map_err(|source| PackageError::Io { path, source })?;
+        self.manifest.reference = Some(crate::Reference {
+            file: crate::REFERENCE_FILE.into(),
+            sha256: sha256_hex(&bytes),
+            count: set.len(),
+            exact: set.is_exact(),
+            source: source.into(),
+        });
+        self.manifest.write(&self.dir)?;
+        self.reference = Some(set);
+        Ok(())
     }
 
     /// Path of a file inside the package.
@@ -83,7 +130,24 @@ impl Manifest {
             ));
         }
         let event = &self.event_shape;
-        let standard = Graphs::standard(event, String::new(), String::new(), [Cost::OnePass; 2]);
+        let d: usize = event.iter().product();
+        let order = self.scoring.contributions.order();
+        let standard = Graphs::standard(
+            event,
+            String::new(),
+            String::new(),
+            [Cost::OnePass; 2],
+            order.is_some(),
+        );
+        if let Some(order) = order {
+            let mut sorted = order.to_vec();
+            sorted.sort_unstable();
+            if event.len() != 1 || sorted != (0..d).collect::<Vec<_>>() {
+                return bad(format!(
+                    "scoring.contributions.exact.order must order the {d} features of a tabular model; it is {order:?}"
+                ));
+            }
+        }
         let want = [
             ("graphs.encode", &self.graphs.encode, &standard.encode),
             ("graphs.decode", &self.graphs.decode, &standard.decode),
@@ -105,6 +169,20 @@ impl Manifest {
                 return bad(format!(
                     "{field}.file {:?} must be a plain file name in the package folder",
                     graph.file
+                ));
+            }
+        }
+        let t = self.scoring.threshold;
+        if !(t > 0.0 && t <= 1.0) {
+            return bad(format!(
+                "scoring.threshold must be a tail probability in (0, 1]; it is {t}"
+            ));
+        }
+        if let Some(r) = &self.reference {
+            if r.file.contains('/') || r.file.contains('\\') || r.file.starts_with('.') {
+                return bad(format!(
+                    "reference.file {:?} must be a plain file name in the package folder",
+                    r.file
                 ));
             }
         }
@@ -149,17 +227,22 @@ fn show(specs: &[TensorSpec]) -> String {
     format!("({})", all.join(", "))
 }
 
-fn check_graph_file(dir: &Path, graph: &Graph) -> Result<(), PackageError> {
-    let path = dir.join(&graph.file);
-    let bytes = read(&path)?;
-    let actual = sha256_hex(&bytes);
-    if !actual.eq_ignore_ascii_case(&graph.sha256) {
+fn check_sha256(path: &Path, bytes: &[u8], expected: &str) -> Result<(), PackageError> {
+    let actual = sha256_hex(bytes);
+    if !actual.eq_ignore_ascii_case(expected) {
         return Err(PackageError::Checksum {
-            path,
-            expected: graph.sha256.clone(),
+            path: path.to_owned(),
+            expected: expected.to_string(),
             actual,
         });
     }
+    Ok(())
+}
+
+fn check_graph_file(dir: &Path, graph: &Graph) -> Result<(), PackageError> {
+    let path = dir.join(&graph.file);
+    let bytes = read(&path)?;
+    check_sha256(&path, &bytes, &graph.sha256)?;
     let model = onnx::ModelProto::decode(bytes.as_slice())
         .map_err(|e| PackageError::invalid(&path, format!("not an ONNX model: {e}")))?;
     let g = model

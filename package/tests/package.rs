@@ -68,30 +68,15 @@ fn write_package(dir: &Path) -> Manifest {
             sha256_hex(&enc),
             sha256_hex(&dec),
             [Cost::OnePass; 2],
+            false,
         ),
         domain: Domain {
             features: Some(vec!["a".into(), "b".into()]),
             ..Default::default()
         },
         metrics: Metrics::default(),
-        calibration: Calibration {
-            split: "test".into(),
-            count: 3,
-            quantiles: vec![
-                Quantile {
-                    q: 0.1,
-                    log_prob: -5.0,
-                },
-                Quantile {
-                    q: 0.5,
-                    log_prob: -2.0,
-                },
-                Quantile {
-                    q: 0.9,
-                    log_prob: -1.0,
-                },
-            ],
-        },
+        reference: None,
+        scoring: Scoring::default(),
         training: Training::default(),
     };
     m.write(dir).unwrap();
@@ -226,13 +211,94 @@ fn unreadable_manifests_and_missing_files_name_the_file() {
 }
 
 #[test]
-fn calibration_turns_a_score_into_a_percentile() {
+fn tail_probabilities_count_the_reference_rows_at_or_below() {
+    // 10 rows with a tie at -2: (k + 1) / (n + 1).
+    let lp = [-9.0, -5.0, -2.0, -2.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0f32];
+    let r = ReferenceSet::from_log_probs(&lp).unwrap();
+    assert_eq!((r.len(), r.is_exact()), (10, true));
+    let tail = |v: f32| r.tail_probability(v);
+    assert_eq!(
+        tail(-100.0),
+        1.0 / 11.0,
+        "never 0: below every reference row"
+    );
+    assert_eq!(tail(-9.0), 2.0 / 11.0, "at or below counts the row itself");
+    assert_eq!(tail(-2.0), 5.0 / 11.0, "both tied rows count");
+    assert_eq!(tail(-1.5), 5.0 / 11.0);
+    assert_eq!(tail(3.0), 1.0);
+    assert_eq!(tail(f32::NAN), 1.0 / 11.0);
+    assert_eq!(r.quantile(0.5), -1.0, "the 5th of 10");
+    assert_eq!(r.quantile(0.0), -9.0);
+    assert!(ReferenceSet::from_log_probs(&[]).is_none());
+    assert!(ReferenceSet::from_log_probs(&[1.0, f32::INFINITY]).is_none());
+
+    // A sketch of 100 000 rows in 1 000 points: within 1 % of the exact count in the tail.
+    let many: Vec<f32> = (0..100_000).map(|i| i as f32).collect();
+    let sketch = ReferenceSet::with_max_points(&many, 1000).unwrap();
+    assert!(!sketch.is_exact());
+    for k in [10u64, 100, 1000, 10_000, 99_999] {
+        let got = sketch.count_at_or_below(k as f32 - 1.0);
+        let err = (got as f64 - k as f64).abs() / k as f64;
+        assert!(err < 0.012, "count at rank {k}: {got}");
+    }
+    assert_eq!(sketch.count_at_or_below(-1.0), 0);
+    assert_eq!(sketch.count_at_or_below(1e9), 100_000);
+
+    // The file round-trips, and a damaged one is refused with its path.
+    let path = Path::new("reference.bin");
+    let bytes = sketch.to_bytes();
+    assert_eq!(ReferenceSet::from_bytes(&bytes, path).unwrap(), sketch);
+    let mut bad = bytes.clone();
+    let last = bad.len() - 4;
+    bad[last..].copy_from_slice(&(-1e9f32).to_le_bytes());
+    let e = ReferenceSet::from_bytes(&bad, path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("reference.bin") && e.contains("increasing"),
+        "{e}"
+    );
+    let e = ReferenceSet::from_bytes(&bytes[..40], path)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("do not hold"), "{e}");
+}
+
+#[test]
+fn a_reference_set_is_covered_by_its_checksum() {
     let tmp = tempfile::tempdir().unwrap();
-    let c = write_package(tmp.path()).calibration;
-    assert_eq!(c.percentile(-9.0), Some(0.0));
-    assert_eq!(c.percentile(-5.0), Some(0.1));
-    assert!((c.percentile(-3.5).unwrap() - 0.3).abs() < 1e-12);
-    assert_eq!(c.percentile(-1.0), Some(0.9));
-    assert_eq!(c.percentile(0.0), Some(1.0));
-    assert_eq!(Calibration::default().percentile(0.0), None);
+    write_package(tmp.path());
+    let mut p = Package::open(tmp.path()).unwrap();
+    let set = ReferenceSet::from_log_probs(&[-3.0, -1.0, 0.0]).unwrap();
+    p.set_reference(set.clone(), "three rows").unwrap();
+    let again = Package::open(tmp.path()).unwrap();
+    assert_eq!(again.reference.as_ref(), Some(&set));
+    let r = again.manifest.reference.clone().unwrap();
+    assert_eq!(
+        (r.count, r.exact, r.source.as_str()),
+        (3, true, "three rows")
+    );
+
+    // Another set written over the file without the manifest knowing: refused.
+    let other = ReferenceSet::from_log_probs(&[-3.0, -1.0, 5.0]).unwrap();
+    std::fs::write(tmp.path().join(REFERENCE_FILE), other.to_bytes()).unwrap();
+    let e = open_err(tmp.path());
+    assert!(e.contains("reference.bin") && e.contains("sha256"), "{e}");
+
+    // A count that disagrees with the file: refused.
+    let mut m = again.manifest.clone();
+    std::fs::write(tmp.path().join(REFERENCE_FILE), set.to_bytes()).unwrap();
+    m.reference.as_mut().unwrap().count = 4;
+    m.write(tmp.path()).unwrap();
+    assert!(open_err(tmp.path()).contains("says 4"));
+
+    // Thresholds are tail probabilities; an exact order must order every feature.
+    let mut m = again.manifest.clone();
+    m.scoring.threshold = 0.0;
+    m.write(tmp.path()).unwrap();
+    assert!(open_err(tmp.path()).contains("scoring.threshold"));
+    let mut m = again.manifest;
+    m.scoring.contributions = Contributions::Exact { order: vec![0, 0] };
+    m.write(tmp.path()).unwrap();
+    assert!(open_err(tmp.path()).contains("order"));
 }

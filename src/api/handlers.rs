@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
-use flowpack::{Calibration, Cost, Direction, Domain, Metrics};
+use flowpack::{Contributions, Cost, Direction, Domain, Metrics, Reference, SUMMARY_LEVELS};
 use serde::Serialize;
 use serde_json::json;
 
@@ -21,6 +21,7 @@ use super::wire::*;
 use super::AppState;
 use crate::batcher::Outputs;
 use crate::repository::{LoadFailure, Model};
+use crate::scoring::{check_threshold, Scorer};
 
 type St = State<Arc<AppState>>;
 type Answer = Result<Served, ApiError>;
@@ -42,7 +43,62 @@ async fn scored(
         .await?;
     finite(&out.values[1], 1, "inputs", OUT_OF_DOMAIN)?;
     model.metrics.observe_log_prob(&out.values[1]);
+    if let Some(reference) = &model.package.reference {
+        // Every scored row feeds the drift histogram, whichever route served it.
+        let tails: Vec<f64> = out.values[1]
+            .iter()
+            .map(|&v| reference.tail_probability(v))
+            .collect();
+        model.metrics.observe_tail_probabilities(&tails);
+    }
     Ok((model, out))
+}
+
+/// `POST /score`: per row, log p(x), its tail probability against the model's reference
+/// set, whether that is at or below the threshold, and (for models with exact
+/// per-feature terms) each feature's conditional log-density, most surprising first.
+pub(super) async fn score(
+    call: Call,
+    Deadline(d): Deadline,
+    ApiJson(req): ApiJson<ScoreRequest>,
+) -> Answer {
+    let model = call.model(req.model.as_deref())?;
+    let scorer = Scorer::new(&model.package).map_err(ApiError::Invalid)?;
+    let threshold = match req.threshold {
+        Some(t) => check_threshold(t).map_err(ApiError::Invalid)?,
+        None => scorer.default_threshold,
+    };
+    if req.top == Some(0) {
+        return Err(ApiError::Invalid(
+            "top must be at least 1 (leave it out for every feature)".into(),
+        ));
+    }
+    let out = call
+        .run(&model, Direction::Encode, "inputs", req.inputs, d)
+        .await?;
+    let lp = &out.values[1];
+    finite(lp, 1, "inputs", OUT_OF_DOMAIN)?;
+    model.metrics.observe_log_prob(lp);
+    let tails = scorer.tail_probabilities(lp);
+    model.metrics.observe_tail_probabilities(&tails);
+    let contributions = match (req.contributions.unwrap_or(true), out.values.get(2)) {
+        (true, Some(terms)) if scorer.has_terms => {
+            finite(terms, model.event_size, "inputs", OUT_OF_DOMAIN)?;
+            let top = req.top.unwrap_or(usize::MAX);
+            Some((terms.as_slice(), scorer.features.as_slice(), top))
+        }
+        _ => None,
+    };
+    let body = ScoreOut {
+        model: &model.name,
+        version: model.version,
+        reference_size: scorer.reference.len(),
+        threshold,
+        log_prob: lp,
+        tail_probability: &tails,
+        contributions,
+    };
+    Ok(Served::json(&out, &body))
 }
 
 /// `POST /log_prob`: log p(x) per row.
@@ -194,7 +250,32 @@ struct Summary<'a> {
     metrics: &'a Metrics,
     cost: Costs,
     execution_providers: Providers,
-    calibration: &'a Calibration,
+    reference: Option<ReferenceSummary<'a>>,
+    scoring: ScoringSummary<'a>,
+}
+
+/// The reference set as `/v1/models` shows it: provenance and log_prob quantiles.
+#[derive(Serialize)]
+struct ReferenceSummary<'a> {
+    #[serde(flatten)]
+    reference: &'a Reference,
+    quantiles: Vec<QuantileOut>,
+}
+
+#[derive(Serialize)]
+struct QuantileOut {
+    q: f64,
+    log_prob: f32,
+}
+
+#[derive(Serialize)]
+struct ScoringSummary<'a> {
+    threshold: f64,
+    contributions: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    order: Option<Vec<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    why_not: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -226,7 +307,39 @@ fn summary(m: &Model) -> Summary<'_> {
             encode: m.provider(Direction::Encode).as_str(),
             decode: m.provider(Direction::Decode).as_str(),
         },
-        calibration: &man.calibration,
+        reference: man
+            .reference
+            .as_ref()
+            .zip(m.package.reference.as_ref())
+            .map(|(reference, set)| ReferenceSummary {
+                reference,
+                quantiles: SUMMARY_LEVELS
+                    .iter()
+                    .map(|&q| QuantileOut {
+                        q,
+                        log_prob: set.quantile(q),
+                    })
+                    .collect(),
+            }),
+        scoring: ScoringSummary {
+            threshold: man.scoring.threshold,
+            contributions: man.scoring.contributions.order().is_some(),
+            order: man.scoring.contributions.order().map(|o| {
+                o.iter()
+                    .map(|&i| {
+                        man.domain
+                            .features
+                            .as_ref()
+                            .and_then(|f| f.get(i))
+                            .map_or("?", String::as_str)
+                    })
+                    .collect()
+            }),
+            why_not: match &man.scoring.contributions {
+                Contributions::Unavailable { reason } => Some(reason),
+                Contributions::Exact { .. } => None,
+            },
+        },
     }
 }
 

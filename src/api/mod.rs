@@ -55,6 +55,7 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)
         ("POST", "/encode", inference(Encode, encode)),
         ("POST", "/sample", inference(Sample, sample)),
         ("POST", "/decode", inference(Decode, decode)),
+        ("POST", "/score", inference(Score, score)),
         ("GET", "/v1/models", get(list_models)),
         ("GET", "/v1/models/{name}", get(model_info)),
         (
@@ -77,6 +78,7 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)
             "/v1/models/{name}/decode",
             inference(Decode, decode),
         ),
+        ("POST", "/v1/models/{name}/score", inference(Score, score)),
         ("GET", "/healthz", get(healthz)),
         ("GET", "/readyz", get(readyz)),
         ("GET", "/metrics", get(metrics)),

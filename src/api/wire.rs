@@ -300,3 +300,118 @@ pub struct PictureOut<'a> {
     /// The temperature it was drawn at.
     pub temperature: f64,
 }
+
+/// `/score`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreRequest {
+    /// Model name (default model when absent).
+    pub model: Option<String>,
+    /// Data rows.
+    pub inputs: Rows,
+    /// Flag rows whose tail probability is at or below this (default: the model's).
+    pub threshold: Option<f64>,
+    /// Include per-feature terms when the model has them (default true).
+    pub contributions: Option<bool>,
+    /// Only the `top` most surprising features per row (default: all).
+    pub top: Option<usize>,
+}
+
+/// `/score`'s answer: one object per row.
+pub struct ScoreOut<'a> {
+    /// The model that answered.
+    pub model: &'a str,
+    /// Its version.
+    pub version: u64,
+    /// Rows in the model's reference set: tail probabilities resolve down to 1/(n+1).
+    pub reference_size: u64,
+    /// The threshold applied.
+    pub threshold: f64,
+    /// log p(x) per row.
+    pub log_prob: &'a [f32],
+    /// Tail probability per row.
+    pub tail_probability: &'a [f64],
+    /// Row-major `[N, D]` terms, when asked for and available, with the feature names and
+    /// how many to show per row.
+    pub contributions: Option<(&'a [f32], &'a [String], usize)>,
+}
+
+struct RowScoreOut<'a> {
+    log_prob: f32,
+    tail_probability: f64,
+    outlier: bool,
+    contributions: Option<(&'a [f32], &'a [String], usize)>,
+}
+
+struct Contributions<'a>(&'a [f32], &'a [String], usize);
+
+impl Serialize for Contributions<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let Contributions(terms, names, top) = *self;
+        let order = crate::scoring::most_surprising(terms);
+        let mut seq = s.serialize_seq(Some(order.len().min(top)))?;
+        for i in order.into_iter().take(top) {
+            struct Term<'a>(&'a str, f32);
+            impl Serialize for Term<'_> {
+                fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                    let mut m = s.serialize_map(Some(2))?;
+                    m.serialize_entry("feature", self.0)?;
+                    m.serialize_entry("log_prob", &self.1)?;
+                    m.end()
+                }
+            }
+            seq.serialize_element(&Term(&names[i], terms[i]))?;
+        }
+        seq.end()
+    }
+}
+
+impl Serialize for RowScoreOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("log_prob", &self.log_prob)?;
+        m.serialize_entry("tail_probability", &self.tail_probability)?;
+        m.serialize_entry("outlier", &self.outlier)?;
+        if let Some((terms, names, top)) = self.contributions {
+            m.serialize_entry("contributions", &Contributions(terms, names, top))?;
+        }
+        m.end()
+    }
+}
+
+struct RowScores<'a>(&'a ScoreOut<'a>);
+
+impl Serialize for RowScores<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let o = self.0;
+        let mut seq = s.serialize_seq(Some(o.log_prob.len()))?;
+        for (i, (&lp, &p)) in o.log_prob.iter().zip(o.tail_probability).enumerate() {
+            let contributions = o.contributions.map(|(terms, names, top)| {
+                let d = names.len();
+                (&terms[i * d..(i + 1) * d], names, top)
+            });
+            seq.serialize_element(&RowScoreOut {
+                log_prob: lp,
+                tail_probability: p,
+                outlier: crate::scoring::is_outlier(p, o.threshold),
+                contributions,
+            })?;
+        }
+        seq.end()
+    }
+}
+
+impl Serialize for ScoreOut<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(5))?;
+        m.serialize_entry("model", self.model)?;
+        m.serialize_entry("version", &self.version)?;
+        m.serialize_entry("reference_size", &self.reference_size)?;
+        m.serialize_entry("threshold", &self.threshold)?;
+        m.serialize_entry("scores", &RowScores(self))?;
+        m.end()
+    }
+}

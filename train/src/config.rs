@@ -58,6 +58,44 @@ pub enum PermutationKind {
     Random,
 }
 
+/// A starting configuration for a task; flags and config files override its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// Anomaly scoring of tabular data: a MAF whose MADEs share one feature order (exact
+    /// per-feature contributions), sized by the number of training rows, with batch norm,
+    /// weight decay and early stopping on the validation split.
+    Anomaly,
+}
+
+impl Preset {
+    /// Sets the preset's values in `c` for a table of `rows` rows.
+    pub fn apply(self, c: &mut Config, rows: usize) {
+        match self {
+            Preset::Anomaly => {
+                let m = &mut c.model;
+                m.family = Family::Maf;
+                m.permutation = PermutationKind::None;
+                m.batch_norm = true;
+                m.layers = 5;
+                m.hidden_layers = 1;
+                // Small sets overfit a wide network within a few hundred steps.
+                m.hidden = match rows {
+                    0..=2_000 => 32,
+                    2_001..=20_000 => 64,
+                    _ => 128,
+                };
+                let t = &mut c.train;
+                t.weight_decay = 1e-4;
+                t.steps = 6000;
+                t.batch_size = 256.min((rows / 4).max(16));
+                t.eval_every = 100;
+                t.patience = 10;
+            }
+        }
+    }
+}
+
 /// Which columns get uniform dequantisation noise in training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]

@@ -4,18 +4,13 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use flowpack::{
-    sha256_hex, Calibration, Domain, Graphs, Manifest, Metrics, Quantile, Quantized, Training,
-    DECODE_FILE, ENCODE_FILE, FORMAT_VERSION,
+    sha256_hex, Domain, Graphs, Manifest, Metrics, Package, Quantized, ReferenceSet, Scoring,
+    Training, DECODE_FILE, DEFAULT_THRESHOLD, ENCODE_FILE, FORMAT_VERSION,
 };
 use prost::Message;
 
 use crate::data::Table;
 use crate::flows::Flow;
-
-/// The probability levels stored in a manifest's calibration.
-pub const CALIBRATION_LEVELS: [f64; 13] = [
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999,
-];
 
 /// What goes into the manifest besides the graphs.
 pub struct ExportInfo<'a> {
@@ -27,33 +22,14 @@ pub struct ExportInfo<'a> {
     pub dequantized: &'a [f32],
     /// Training rows (for the observed range).
     pub train: &'a Table,
-    /// Held-out rows for calibration.
-    pub calibration: &'a Table,
+    /// Held-out normal rows whose served log-densities become the reference set.
+    pub reference: &'a Table,
+    /// What those rows are, for the manifest.
+    pub reference_source: String,
     /// Held-out quality.
     pub metrics: Metrics,
     /// Provenance.
     pub training: Training,
-}
-
-/// Quantiles of `values` at `levels` (linear interpolation between order statistics).
-pub fn quantiles(values: &[f64], levels: &[f64]) -> Vec<Quantile> {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return Vec::new();
-    }
-    v.sort_by(f64::total_cmp);
-    levels
-        .iter()
-        .map(|&q| {
-            let pos = q * (v.len() - 1) as f64;
-            let (i, frac) = (pos.floor() as usize, pos.fract());
-            let hi = v[(i + 1).min(v.len() - 1)];
-            Quantile {
-                q,
-                log_prob: v[i] + (hi - v[i]) * frac,
-            }
-        })
-        .collect()
 }
 
 fn write_graph(dir: &Path, file: &str, model: &flowpack::onnx::ModelProto) -> Result<String> {
@@ -63,19 +39,16 @@ fn write_graph(dir: &Path, file: &str, model: &flowpack::onnx::ModelProto) -> Re
     Ok(sha256_hex(&bytes))
 }
 
-/// Writes the package files into `dir` (the flow's evaluation behaviour) and returns the
+/// Writes the package files into `dir` (the flow's evaluation behaviour), scores the
+/// reference rows with the exported graph (what a server will compute) and returns the
 /// manifest.
 pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let event = flow.event.clone();
+    let contributions = flow.contributions();
     let encode_sha = write_graph(dir, ENCODE_FILE, &flow.encode_graph(info.name)?)?;
     let decode_sha = write_graph(dir, DECODE_FILE, &flow.decode_graph(info.name)?)?;
-
-    let cal = info.calibration;
-    let lp: Vec<f64> = crate::eval::log_prob_rows(flow, &cal.values, 1)?
-        .into_iter()
-        .map(f64::from)
-        .collect();
+    let terms = contributions.order().is_some();
     let t = info.train;
     let observed_range = (0..t.dim)
         .map(|c| {
@@ -94,7 +67,7 @@ pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
         event_shape: event.clone(),
         dtype: "float32".into(),
         base: flow.base.clone(),
-        graphs: Graphs::standard(&event, encode_sha, decode_sha, flow.costs()),
+        graphs: Graphs::standard(&event, encode_sha, decode_sha, flow.costs(), terms),
         domain: Domain {
             quantized: info
                 .features
@@ -112,14 +85,33 @@ pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
             pixel_range: (flow.event.len() == 3).then(|| flowpack::image::value_range(&t.values)),
         },
         metrics: info.metrics,
-        calibration: Calibration {
-            split: "test".into(),
-            count: lp.len(),
-            quantiles: quantiles(&lp, &CALIBRATION_LEVELS),
+        reference: None,
+        scoring: Scoring {
+            threshold: DEFAULT_THRESHOLD,
+            contributions,
         },
         training: info.training,
     };
     manifest.check(&dir.join(flowpack::MANIFEST_FILE))?;
+    // A package left by an earlier export must not keep a stale reference set.
+    let _ = std::fs::remove_file(dir.join(flowpack::REFERENCE_FILE));
     manifest.write(dir)?;
-    Ok(manifest)
+    calibrate(dir, &info.reference.values, &info.reference_source)
+}
+
+/// Scores `rows` (row-major, the package's features) with the package's encode graph and
+/// stores their log-densities as its reference set; returns the updated manifest.
+pub fn calibrate(dir: &Path, rows: &[f32], source: &str) -> Result<Manifest> {
+    let mut runner = crate::runtime::PackageRunner::open(dir)?;
+    let lp = runner.log_prob(rows)?;
+    let bad = lp.iter().filter(|v| !v.is_finite()).count();
+    anyhow::ensure!(
+        bad == 0,
+        "{bad} of {} reference rows have a non-finite log-density under this model",
+        lp.len()
+    );
+    let set = ReferenceSet::from_log_probs(&lp).context("the reference set has no rows")?;
+    let mut package = Package::open(dir)?;
+    package.set_reference(set, source)?;
+    Ok(package.manifest)
 }

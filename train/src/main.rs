@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use flowpack::sampling::latent_noise;
 use flowtrain::bijectors::Mask;
-use flowtrain::config::{Config, Dequantize, Family, PermutationKind};
+use flowtrain::config::{Config, Dequantize, Family, PermutationKind, Preset};
 use flowtrain::data::{self, toy, Columns};
 use flowtrain::nn::Activation;
 use flowtrain::runtime::PackageRunner;
@@ -37,6 +37,23 @@ enum Command {
     Eval(EvalArgs),
     /// Draw samples from a package into a CSV file or a PNG plot.
     Sample(SampleArgs),
+    /// Score normal rows with a package and store their log-densities as its reference set
+    /// (what turns a served score into a tail probability).
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// Package folder (rewritten in place: reference.bin and flow.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Normal rows: a .csv file with the model's feature columns (others are ignored), or
+    /// a .npy array of exactly the model's features.
+    #[arg(long)]
+    data: PathBuf,
+    /// What the rows are, for the manifest (default: the file name and row count).
+    #[arg(long)]
+    source: Option<String>,
 }
 
 #[derive(Args)]
@@ -54,6 +71,10 @@ struct TrainArgs {
     /// TOML file with [model], [train] and [data] tables; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Start from a task's configuration (anomaly: an explainable MAF sized by the data);
+    /// other flags override its values.
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
     /// Model name recorded in the manifest (default: the output folder's name).
     #[arg(long)]
     name: Option<String>,
@@ -118,6 +139,9 @@ struct TrainArgs {
     /// Peak learning rate.
     #[arg(long)]
     lr: Option<f64>,
+    /// Decoupled weight decay (AdamW); 0 for plain Adam.
+    #[arg(long)]
+    weight_decay: Option<f64>,
     /// Validation passes without improvement before stopping (0: never).
     #[arg(long)]
     patience: Option<u64>,
@@ -176,6 +200,19 @@ fn config_for(a: &TrainArgs) -> Result<Config> {
         Some(p) => Config::from_toml_file(p)?,
         None => Config::default(),
     };
+    if let Some(preset) = a.preset {
+        if let Some(d) = &a.data {
+            c.data.dataset = d.clone();
+        }
+        let drop = a
+            .drop_columns
+            .clone()
+            .unwrap_or(c.data.drop_columns.clone());
+        let rows = data::read_table(&c.data.dataset, Columns::Drop(&drop))
+            .map(|t| t.rows())
+            .unwrap_or(0);
+        preset.apply(&mut c, rows);
+    }
     macro_rules! set {
         ($($field:expr => $value:expr),* $(,)?) => {$(if let Some(v) = $value.clone() { $field = v; })*};
     }
@@ -184,7 +221,7 @@ fn config_for(a: &TrainArgs) -> Result<Config> {
         c.train.seed => a.seed, c.model.layers => a.layers, c.model.hidden => a.hidden,
         c.model.hidden_layers => a.hidden_layers, c.model.activation => a.activation,
         c.model.batch_norm => a.batch_norm, c.model.mask => a.mask, c.model.permutation => a.permutation,
-        c.train.batch_size => a.batch_size, c.train.lr => a.lr, c.train.patience => a.patience,
+        c.train.batch_size => a.batch_size, c.train.lr => a.lr, c.train.weight_decay => a.weight_decay, c.train.patience => a.patience,
         c.train.eval_every => a.eval_every, c.train.checkpoint_every => a.checkpoint_every,
         c.data.drop_columns => a.drop_columns, c.data.dequantize => a.dequantize,
         c.model.order_agnostic => a.order_agnostic, c.model.masks => a.masks,
@@ -319,12 +356,8 @@ fn eval(a: EvalArgs) -> Result<()> {
         );
     }
     let nll = |values: &[f32], runner: &mut PackageRunner| -> Result<f64> {
-        let mut total = 0f64;
-        for chunk in values.chunks(4096 * table.dim) {
-            let (_, lp) = runner.encode(chunk)?;
-            total += lp.iter().map(|&v| v as f64).sum::<f64>();
-        }
-        Ok(-total / table.rows() as f64)
+        let lp = runner.log_prob(values)?;
+        Ok(-lp.iter().map(|&v| v as f64).sum::<f64>() / table.rows() as f64)
     };
     println!(
         "model        {} ({}, {} features)",
@@ -358,6 +391,46 @@ fn eval(a: EvalArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn calibrate(a: CalibrateArgs) -> Result<()> {
+    let package = flowpack::Package::open(&a.model)?;
+    let features = package.manifest.domain.features.clone().unwrap_or_default();
+    let path = a.data.display().to_string();
+    let columns = if path.ends_with(".csv") {
+        Columns::Select(&features)
+    } else {
+        Columns::Drop(&[])
+    };
+    let table = data::read_table(&path, columns)?;
+    if table.dim != package.event_size() {
+        bail!(
+            "{path} has {} columns but the model takes {}",
+            table.dim,
+            package.event_size()
+        );
+    }
+    let source = a
+        .source
+        .unwrap_or_else(|| format!("{} rows of {path}", table.rows()));
+    let manifest = flowtrain::export::calibrate(&a.model, &table.values, &source)?;
+    let r = manifest.reference.as_ref().expect("just written");
+    println!(
+        "reference    {} rows ({}), {}",
+        r.count,
+        if r.exact {
+            "every log-density stored"
+        } else {
+            "a geometric sketch"
+        },
+        r.source
+    );
+    println!(
+        "resolution   tail probabilities from {:.2e} up",
+        1.0 / (r.count as f64 + 1.0)
+    );
+    println!("package      {}", a.model.display());
     Ok(())
 }
 
@@ -469,6 +542,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train(*a),
         Command::Eval(a) => eval(a),
         Command::Sample(a) => sample(a),
+        Command::Calibrate(a) => calibrate(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -143,6 +143,8 @@ pub fn train_and_export(
     if dim == 2 {
         density_plot(&flow, &data, config, &out.join("density.png"))?;
     }
+    let mut reference = data.val.clone();
+    reference.values.extend_from_slice(&data.test.values);
     let manifest = export(
         &flow,
         ExportInfo {
@@ -150,7 +152,12 @@ pub fn train_and_export(
             features: data.train.names.clone(),
             dequantized: &deq,
             train: &data.train,
-            calibration: &data.test,
+            reference: &reference,
+            reference_source: format!(
+                "{} rows: the validation and test splits of {}",
+                reference.rows(),
+                data.source
+            ),
             metrics: Metrics {
                 validation_nll: Some(validation_nll),
                 test_nll: Some(test_nll),

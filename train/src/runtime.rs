@@ -29,9 +29,27 @@ impl PackageRunner {
 
     /// `(z, log_prob)` for row-major `x`.
     pub fn encode(&mut self, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
-        let mut out = self.encode.run(x)?;
-        let lp = out.pop().expect("two outputs");
-        Ok((out.pop().expect("two outputs"), lp))
+        let mut out = self.encode.run(x)?.into_iter();
+        let z = out.next().expect("z");
+        Ok((z, out.next().expect("log_prob")))
+    }
+
+    /// `(log_prob, log_prob_terms)` for row-major `x`; the terms (row-major `[N, D]`) only
+    /// for packages with exact contributions.
+    pub fn log_prob_terms(&mut self, x: &[f32]) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let mut out = self.encode.run(x)?.into_iter().skip(1);
+        let lp = out.next().expect("log_prob");
+        Ok((lp, out.next()))
+    }
+
+    /// log_prob of row-major `x`, run in chunks of 4096 rows.
+    pub fn log_prob(&mut self, x: &[f32]) -> Result<Vec<f32>> {
+        let width = self.package.event_size() * 4096;
+        let mut lp = Vec::with_capacity(x.len() / self.package.event_size());
+        for chunk in x.chunks(width) {
+            lp.extend(self.encode(chunk)?.1);
+        }
+        Ok(lp)
     }
 
     /// `x` for row-major `z`.

@@ -71,17 +71,17 @@ fn train_export_compare(config: &Config, dir: &Path) {
         "decode(encode(x)) through the graphs",
     );
 
-    // Calibration quantiles are ascending and bracket the median score.
-    let q = &package.manifest.calibration.quantiles;
-    assert!(q
-        .windows(2)
-        .all(|w| w[0].log_prob <= w[1].log_prob && w[0].q < w[1].q));
-    let p50 = package
-        .manifest
-        .calibration
-        .percentile(q[q.len() / 2].log_prob)
-        .unwrap();
-    assert!((p50 - q[q.len() / 2].q).abs() < 1e-9);
+    // The reference set is the validation and test rows as the graph scores them.
+    let set = package.reference.as_ref().expect("a reference set");
+    let mut held_out = data.val.values.clone();
+    held_out.extend_from_slice(&test.values);
+    let served = runner.log_prob(&held_out).unwrap();
+    assert_eq!(set.len() as usize, served.len());
+    let mut sorted = served.clone();
+    sorted.sort_by(f32::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let k = sorted.iter().filter(|&&v| v <= median).count();
+    assert_eq!(set.count_at_or_below(median) as usize, k);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use candle_core::{Result, Tensor};
 use flowpack::Cost;
 
-use super::{zero_rows, Bijector, Ctx, LogDet, LogDetSum};
+use super::{zero_rows, Bijector, Ctx, Dependence, LogDet, LogDetSum};
 use crate::onnx::{Graph, Value};
 
 /// Bijectors applied in order by `encode`, in reverse by `decode`.
@@ -104,6 +104,35 @@ impl Bijector for Chain {
             x = l.emit_decode(g, &x)?;
         }
         Ok(x)
+    }
+
+    /// Elementwise layers keep an order; two different orders, or any mixing layer, mix.
+    fn dependence(&self) -> Dependence {
+        self.0
+            .iter()
+            .fold(Dependence::Elementwise, |d, l| d.then(l.dependence()))
+    }
+
+    /// The layers' diagonals added up (each `[N, D]` or `[D]`).
+    fn emit_encode_diagonal(&self, g: &mut Graph, x: &Value) -> Result<(Value, Value)> {
+        let mut z = x.clone();
+        let mut total: Option<Value> = None;
+        for l in &self.0 {
+            let (next, diag) = l.emit_encode_diagonal(g, &z)?;
+            z = next;
+            total = Some(match total {
+                Some(t) => g.add(&t, &diag),
+                None => diag,
+            });
+        }
+        let total = match total {
+            Some(t) => t,
+            None => {
+                let zero = g.scalar("zero", 0.0);
+                g.mul(x, &zero)
+            }
+        };
+        Ok((z, total))
     }
 
     /// Sequential in a direction if any layer is.

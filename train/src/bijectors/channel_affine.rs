@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{constant_rows, Bijector, Ctx, LogDet};
+use super::{constant_rows, Bijector, Ctx, Dependence, LogDet};
 use crate::onnx::{Graph, Value};
 
 /// A bijector that is a per-channel affine map, at least at evaluation: it says what its
@@ -46,6 +46,20 @@ impl<T: PerChannelAffine> Bijector for T {
 
     fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value> {
         self.affine()?.emit_decode(g, z, T::NAME)
+    }
+
+    fn dependence(&self) -> Dependence {
+        Dependence::Elementwise
+    }
+
+    fn emit_encode_diagonal(&self, g: &mut Graph, x: &Value) -> Result<(Value, Value)> {
+        let affine = self.affine()?;
+        let (z, _) = affine.emit_encode(g, x, T::NAME)?;
+        let log_a = affine.a.detach().log()?;
+        Ok((
+            z,
+            affine.constant(g, &format!("{}_log_scale", T::NAME), &log_a)?,
+        ))
     }
 }
 

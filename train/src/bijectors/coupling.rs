@@ -16,7 +16,7 @@
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{zero_rows, Bijector, Ctx, LogDet, Mask, Split};
+use super::{zero_rows, Bijector, Ctx, Dependence, LogDet, Mask, Split};
 use crate::nn::{Activation, Net, OutputFold};
 use crate::onnx::{Graph, Value};
 use crate::params::Params;
@@ -345,6 +345,12 @@ fn check_map(map: Elementwise) -> Result<()> {
 }
 
 impl Bijector for Coupling {
+    fn dependence(&self) -> Dependence {
+        Dependence::Mixing(
+            "its coupling layers alternate which features condition the others, so no single feature order makes the Jacobian triangular".into(),
+        )
+    }
+
     fn name(&self) -> &'static str {
         match self.map {
             Elementwise::Shift => "additive_coupling",

@@ -5,7 +5,7 @@
 use candle_core::{Result, Tensor};
 use flowpack::Cost;
 
-use super::{Bijector, Ctx, LogDet};
+use super::{Bijector, Ctx, Dependence, LogDet};
 use crate::onnx::{Graph, Value};
 
 /// `encode = inner.decode`, `decode = inner.encode`; log|det ∂z/∂x| is minus the inner
@@ -49,5 +49,11 @@ impl<B: Bijector> Bijector for Inverse<B> {
 
     fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value> {
         Ok(self.0.emit_encode(g, z)?.0)
+    }
+
+    fn dependence(&self) -> Dependence {
+        Dependence::Mixing(
+            "its density direction inverts the layers sequentially (IAF); per-feature terms are exported for MADE and MAF".into(),
+        )
     }
 }

@@ -20,7 +20,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{Bijector, Ctx, LogDet};
+use super::{Bijector, Ctx, Dependence, LogDet};
 use crate::nn::Activation;
 use crate::onnx::{Graph, Value};
 use crate::params::Params;
@@ -323,14 +323,26 @@ impl Bijector for Made {
     }
 
     fn emit_encode(&self, g: &mut Graph, x: &Value) -> Result<(Value, LogDet)> {
+        let (z, diagonal) = self.emit_encode_diagonal(g, x)?;
+        Ok((z, LogDet::Rows(g.sum_per_row(&diagonal, Some(2)))))
+    }
+
+    /// zᵢ depends on the features up to i in the exported mask set's order.
+    fn dependence(&self) -> Dependence {
+        match self.order(0) {
+            Ok(order) => Dependence::Autoregressive(order),
+            Err(e) => Dependence::Mixing(format!("made masks: {e}")),
+        }
+    }
+
+    /// log|∂zᵢ/∂xᵢ| = −αᵢ.
+    fn emit_encode_diagonal(&self, g: &mut Graph, x: &Value) -> Result<(Value, Value)> {
         let weights = self.emit_weights(g)?;
         let (mu, alpha) = self.emit_conditionals(g, &weights, x);
         let centred = g.sub(x, &mu);
         let na = g.neg(&alpha);
         let e = g.exp(&na);
-        let z = g.mul(&centred, &e);
-        let s = g.sum_per_row(&alpha, Some(2));
-        Ok((z, LogDet::Rows(g.neg(&s))))
+        Ok((g.mul(&centred, &e), na))
     }
 
     /// D passes unrolled (weights shared): graph size grows with D, run time is D passes.

@@ -156,6 +156,53 @@ pub trait Bijector {
     fn cost(&self) -> [Cost; 2] {
         [Cost::OnePass; 2]
     }
+
+    /// How each latent coordinate depends on the data at evaluation: what decides whether
+    /// a flow's log-density splits exactly into per-feature terms.
+    fn dependence(&self) -> Dependence {
+        Dependence::Mixing(format!(
+            "its {} layers have no triangular Jacobian in one feature order",
+            self.name()
+        ))
+    }
+
+    /// [`Bijector::emit_encode`] with log|∂zᵢ/∂xᵢ| per feature (`[N, D]`, or `[D]` when it
+    /// is the same for every row) instead of summed. Only for bijectors whose
+    /// [`Bijector::dependence`] is elementwise or autoregressive: their Jacobian is triangular
+    /// and these are its diagonal.
+    fn emit_encode_diagonal(&self, _g: &mut Graph, _x: &Value) -> Result<(Value, Value)> {
+        candle_core::bail!("{} has no per-feature log-det", self.name())
+    }
+}
+
+/// How the latent depends on the data, for exact per-feature log-density terms.
+///
+/// If every layer of a tabular flow is elementwise or autoregressive in one shared order,
+/// its Jacobian is triangular in that order and zᵢ depends only on the features up to i, so
+/// log p(x) = Σᵢ [log N(zᵢ) + log|∂zᵢ/∂xᵢ|] with term i exactly log p(xᵢ | x₍<ᵢ₎).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dependence {
+    /// zᵢ depends on xᵢ alone.
+    Elementwise,
+    /// zᵢ depends on the features up to i in this order (feature indices).
+    Autoregressive(Vec<usize>),
+    /// Features mixed both ways; the sentence says where.
+    Mixing(String),
+}
+
+impl Dependence {
+    /// The dependence of two layers applied one after the other (`self` first).
+    pub fn then(self, next: Dependence) -> Dependence {
+        use Dependence::*;
+        match (self, next) {
+            (Mixing(why), _) | (_, Mixing(why)) => Mixing(why),
+            (Elementwise, d) | (d, Elementwise) => d,
+            (Autoregressive(a), Autoregressive(b)) if a == b => Autoregressive(a),
+            (Autoregressive(_), Autoregressive(_)) => Mixing(
+                "its autoregressive layers use different feature orders (train with --permutation none for one shared order)".into(),
+            ),
+        }
+    }
 }
 
 /// `[N]` filled with `value`, for bijectors whose log-det does not depend on the input.

@@ -1,5 +1,7 @@
-//! MAF (Papamakarios et al., 2017): a stack of MADEs whose orders alternate (reversed on odd
-//! layers, or seeded random orders), optionally with batch norm between them. MADE alone is
+//! MAF (Papamakarios et al., 2017): a stack of MADEs in one shared order (`--permutation
+//! none`: the log-density then splits exactly into per-feature conditionals), or with orders
+//! reversed on odd layers (`reverse`, the paper's) or seeded (`random`), optionally with
+//! batch norm between them. MADE alone is
 //! the one-layer case. Density (encode) is one pass; sampling (decode) is sequential.
 //! IAF is the same stack with each MADE inverted: sampling one pass, density sequential.
 
@@ -25,9 +27,11 @@ pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params) -> Result<Chain> 
         let seed = crate::seeds::made(p.seed(), i);
         let mut order: Vec<usize> = (0..dim).collect();
         match cfg.permutation {
+            // One shared order: the density splits exactly into per-feature terms.
+            PermutationKind::None => {}
+            PermutationKind::Reverse if i % 2 == 1 => order.reverse(),
+            PermutationKind::Reverse => {}
             PermutationKind::Random => order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed)),
-            _ if i % 2 == 1 => order.reverse(),
-            _ => {}
         }
         let made = Made::new(
             &p.pp(format!("made{i}")),

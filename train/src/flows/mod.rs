@@ -4,12 +4,12 @@
 
 use candle_core::{Result, Tensor};
 use flowpack::onnx::ModelProto;
-use flowpack::signature::{DATA, LATENT, LOG_PROB};
-use flowpack::{Base, Cost};
+use flowpack::signature::{DATA, LATENT, LOG_PROB, LOG_PROB_TERMS};
+use flowpack::{Base, Contributions, Cost};
 
 use crate::bijectors::{
-    BatchNorm, Bijector, Chain, Coupling, Ctx, Elementwise, ElementwiseAffine, LogDetSum, Logit,
-    Permutation,
+    BatchNorm, Bijector, Chain, Coupling, Ctx, Dependence, Elementwise, ElementwiseAffine,
+    LogDetSum, Logit, Permutation,
 };
 use crate::config::{Family, ModelConfig, PermutationKind};
 use crate::onnx::Graph;
@@ -179,11 +179,50 @@ impl Flow {
         Tensor::stack(&each, 0)?.log_sum_exp(0)? - (ensemble as f64).ln()
     }
 
-    /// `encode.onnx`: `x[N, ...event] → z[N, ...event], log_prob[N]`, evaluation behaviour.
+    /// Whether the exported log-density splits exactly into per-feature terms: tabular
+    /// flows whose layers are all elementwise or autoregressive in one shared order.
+    pub fn contributions(&self) -> Contributions {
+        if self.event.len() != 1 {
+            return Contributions::Unavailable {
+                reason: "image models have no per-feature explanation".into(),
+            };
+        }
+        match self.chain.dependence() {
+            Dependence::Autoregressive(order) => Contributions::Exact { order },
+            Dependence::Elementwise => Contributions::Exact {
+                order: (0..self.dim).collect(),
+            },
+            Dependence::Mixing(reason) => Contributions::Unavailable {
+                reason: format!("{}: {reason}", self.family.as_str()),
+            },
+        }
+    }
+
+    /// `encode.onnx`: `x[N, ...event] → z[N, ...event], log_prob[N]`, evaluation behaviour;
+    /// with exact [`Flow::contributions`], also `log_prob_terms[N, D]` (term i is
+    /// log N(zᵢ) + log|∂zᵢ/∂xᵢ|, and `log_prob` is their sum).
     pub fn encode_graph(&self, name: &str) -> Result<ModelProto> {
         let mut g = Graph::new();
         let event = self.event.clone();
         let x = g.input(DATA, &event);
+        if let Contributions::Exact { .. } = self.contributions() {
+            let Base::StandardNormal = self.base;
+            let (z, diagonal) = self.chain.emit_encode_diagonal(&mut g, &x)?;
+            let sq = g.mul(&z, &z);
+            let half = g.scalar("neg_half", -0.5);
+            let base = g.mul(&sq, &half);
+            let c = g.scalar("log_normal_constant", (-0.5 * LN_2PI) as f32);
+            let base = g.add(&base, &c);
+            let terms = g.add(&base, &diagonal);
+            let lp = g.sum_per_row(&terms, Some(2));
+            g.output(&z, LATENT, &event);
+            g.output(&lp, LOG_PROB, &[]);
+            g.output(&terms, LOG_PROB_TERMS, &event);
+            return Ok(g.finish(
+                &format!("{name}_encode"),
+                "data → latent, exact log-density under a standard normal base, and its per-feature terms",
+            ));
+        }
         let Base::StandardNormal = self.base;
         let mut sum = LogDetSum::new(-0.5 * self.dim as f64 * LN_2PI);
         let z = self.chain.emit_encode_sum(&mut g, &x, &mut sum)?;
