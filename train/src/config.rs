@@ -64,7 +64,7 @@ pub enum PermutationKind {
 pub enum Preset {
     /// Anomaly scoring of tabular data: a MAF whose MADEs share one feature order (exact
     /// per-feature contributions), sized by the number of training rows, with batch norm,
-    /// weight decay and early stopping on the validation split.
+    /// weight averaging and early stopping on the validation split.
     Anomaly,
 }
 
@@ -85,12 +85,16 @@ impl Preset {
                     2_001..=20_000 => 64,
                     _ => 128,
                 };
+                // Measured on four one-class setups (BENCHMARKS.md): weight averaging and a
+                // slower, more patient schedule each added AUROC; weight decay, 2 hidden
+                // layers, smaller batches or a wider network did not.
                 let t = &mut c.train;
-                t.weight_decay = 1e-4;
+                t.lr = 3e-4;
+                t.average_decay = 0.995;
                 t.steps = 6000;
                 t.batch_size = 256.min((rows / 4).max(16));
                 t.eval_every = 100;
-                t.patience = 10;
+                t.patience = 20;
             }
         }
     }
@@ -210,6 +214,9 @@ pub struct TrainConfig {
     pub min_lr_ratio: f64,
     /// Decoupled weight decay (AdamW); 0 for plain Adam.
     pub weight_decay: f64,
+    /// Decay of an exponential moving average of the weights (Polyak averaging), which is
+    /// what validation sees and what is kept; 0 turns it off.
+    pub average_decay: f64,
     /// Global gradient-norm clip; 0 disables it.
     pub grad_clip: f64,
     /// Steps between validation passes.
@@ -238,6 +245,7 @@ impl Default for TrainConfig {
             warmup_steps: 100,
             min_lr_ratio: 0.01,
             weight_decay: 0.0,
+            average_decay: 0.0,
             grad_clip: 10.0,
             eval_every: 250,
             patience: 10,
@@ -326,6 +334,10 @@ impl Config {
         );
         anyhow::ensure!(t.batch_size >= 2, "train.batch_size must be at least 2");
         anyhow::ensure!(t.lr > 0.0 && t.lr.is_finite(), "train.lr must be positive");
+        anyhow::ensure!(
+            (0.0..1.0).contains(&t.average_decay),
+            "train.average_decay must be in [0, 1) (0: no weight averaging)"
+        );
         anyhow::ensure!(
             t.eval_every >= 1 && t.checkpoint_every >= 1 && t.log_every >= 1,
             "train.eval_every, checkpoint_every and log_every must be at least 1"

@@ -142,6 +142,10 @@ struct TrainArgs {
     /// Decoupled weight decay (AdamW); 0 for plain Adam.
     #[arg(long)]
     weight_decay: Option<f64>,
+    /// Keep a moving average of the weights with this decay (e.g. 0.995) and validate and
+    /// export the average; 0: off.
+    #[arg(long)]
+    average_decay: Option<f64>,
     /// Validation passes without improvement before stopping (0: never).
     #[arg(long)]
     patience: Option<u64>,
@@ -221,7 +225,8 @@ fn config_for(a: &TrainArgs) -> Result<Config> {
         c.train.seed => a.seed, c.model.layers => a.layers, c.model.hidden => a.hidden,
         c.model.hidden_layers => a.hidden_layers, c.model.activation => a.activation,
         c.model.batch_norm => a.batch_norm, c.model.mask => a.mask, c.model.permutation => a.permutation,
-        c.train.batch_size => a.batch_size, c.train.lr => a.lr, c.train.weight_decay => a.weight_decay, c.train.patience => a.patience,
+        c.train.batch_size => a.batch_size, c.train.lr => a.lr, c.train.weight_decay => a.weight_decay,
+        c.train.average_decay => a.average_decay, c.train.patience => a.patience,
         c.train.eval_every => a.eval_every, c.train.checkpoint_every => a.checkpoint_every,
         c.data.drop_columns => a.drop_columns, c.data.dequantize => a.dequantize,
         c.model.order_agnostic => a.order_agnostic, c.model.masks => a.masks,

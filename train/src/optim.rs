@@ -1,6 +1,7 @@
 //! What candle lacks for training flows: Adam with bias correction and decoupled weight
-//! decay whose moments can be checkpointed, global gradient-norm clipping, and a linear
-//! warm-up + cosine learning-rate schedule.
+//! decay whose moments can be checkpointed, an exponential moving average of the weights
+//! (Polyak averaging), global gradient-norm clipping, and a linear warm-up + cosine
+//! learning-rate schedule.
 
 use std::collections::HashMap;
 
@@ -18,6 +19,14 @@ pub struct Adam {
     beta2: f64,
     eps: f64,
     weight_decay: f64,
+    /// The moving average of each parameter, when averaging is on.
+    average: Option<Average>,
+}
+
+/// An exponential moving average of the parameters.
+struct Average {
+    decay: f64,
+    values: Vec<Tensor>,
 }
 
 impl Adam {
@@ -33,7 +42,38 @@ impl Adam {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay,
+            average: None,
         })
+    }
+
+    /// Keeps a moving average of the parameters with this decay (0 < decay < 1), updated
+    /// after every step: `avg ← d·avg + (1 − d)·θ`, with `d = min(decay, (1 + t)/(10 + t))`
+    /// so the first steps do not drag the average back to the initialisation.
+    pub fn with_average(mut self, decay: f64) -> Result<Self> {
+        if decay > 0.0 {
+            self.average = Some(Average {
+                decay,
+                values: self
+                    .vars
+                    .iter()
+                    .map(|v| v.as_tensor().copy())
+                    .collect::<Result<_>>()?,
+            });
+        }
+        Ok(self)
+    }
+
+    /// Exchanges the parameters and their moving average (twice restores them): validation
+    /// and the kept best parameters see the average. No-op without averaging.
+    pub fn swap_average(&mut self) -> Result<()> {
+        if let Some(avg) = &mut self.average {
+            for (var, a) in self.vars.iter().zip(avg.values.iter_mut()) {
+                let current = var.as_tensor().copy()?;
+                var.set(a)?;
+                *a = current;
+            }
+        }
+        Ok(())
     }
 
     /// The global L2 norm of the gradients (missing gradients count as zero), read back
@@ -76,6 +116,13 @@ impl Adam {
             }
             var.set(&next)?;
         }
+        if let Some(avg) = &mut self.average {
+            let t = self.t as f64;
+            let d = avg.decay.min((1.0 + t) / (10.0 + t));
+            for (var, a) in self.vars.iter().zip(avg.values.iter_mut()) {
+                *a = ((&*a * d)? + (var.as_tensor() * (1.0 - d))?)?;
+            }
+        }
         Ok(())
     }
 
@@ -85,6 +132,11 @@ impl Adam {
         for (i, (m, v)) in self.m.iter().zip(&self.v).enumerate() {
             out.insert(format!("adam.m.{i}"), m.clone());
             out.insert(format!("adam.v.{i}"), v.clone());
+        }
+        if let Some(avg) = &self.average {
+            for (i, a) in avg.values.iter().enumerate() {
+                out.insert(format!("adam.avg.{i}"), a.clone());
+            }
         }
         out
     }
@@ -105,6 +157,13 @@ impl Adam {
                     );
                 }
                 *slot = s.clone();
+            }
+            if let Some(avg) = &mut self.average {
+                let key = format!("adam.avg.{i}");
+                let s = saved
+                    .get(&key)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint has no {key}")))?;
+                avg.values[i] = s.clone();
             }
         }
         self.t = t;

@@ -178,7 +178,8 @@ impl<'r, 'a> Trainer<'r, 'a> {
     fn resume_or_new(run: &'r Run<'a>) -> Result<Self> {
         let out = run.out;
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        let mut adam = Adam::new(run.params.trainable(), run.config.train.weight_decay)?;
+        let mut adam = Adam::new(run.params.trainable(), run.config.train.weight_decay)?
+            .with_average(run.config.train.average_decay)?;
         let (state, best, resumed_from) = match Checkpoint::load(out)? {
             Some(c) => {
                 if c.state.config != *run.config {
@@ -314,14 +315,20 @@ impl<'r, 'a> Trainer<'r, 'a> {
     /// stopping.
     fn validate(&mut self, objective: &Objective) -> Result<()> {
         let cfg = &self.run.config.train;
-        let val = objective.validate(self.run.flow, cfg.seed)?;
-        let improved = val < self.state.best_val_loss;
+        // With weight averaging, the average is what is validated and kept.
+        self.adam.swap_average()?;
+        let val = objective.validate(self.run.flow, cfg.seed);
+        let improved = val.as_ref().is_ok_and(|&v| v < self.state.best_val_loss);
+        if improved {
+            self.best = self.run.params.snapshot();
+        }
+        self.adam.swap_average()?;
+        let val = val?;
         let s = &mut self.state;
         if improved {
             s.best_val_loss = val;
             s.best_step = s.step;
             s.evals_since_best = 0;
-            self.best = self.run.params.snapshot();
         } else {
             s.evals_since_best += 1;
         }

@@ -8,7 +8,8 @@ fn flowtrain() -> Command {
     Command::new(env!("CARGO_BIN_EXE_flowtrain"))
 }
 
-const TRAIN: [&str; 14] = [
+// Weight averaging on: its running average must survive the kill too.
+const TRAIN: [&str; 16] = [
     "train",
     "--family",
     "realnvp",
@@ -22,6 +23,8 @@ const TRAIN: [&str; 14] = [
     "20",
     "--eval-every",
     "50",
+    "--average-decay",
+    "0.99",
     "--quiet",
 ];
 
@@ -313,4 +316,90 @@ fn eval_and_sample_on_a_trained_package() {
         .output()
         .unwrap();
     assert_one_line_error(out, "temperature");
+}
+
+#[test]
+fn the_anomaly_preset_trains_an_explainable_maf_and_calibrate_replaces_its_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    let csv = tmp.path().join("normal.csv");
+    let mut text = String::from("id,a,b,c\n");
+    for i in 0..600 {
+        let t = i as f32 / 37.0;
+        text.push_str(&format!(
+            "{i},{},{},{}\n",
+            t.sin(),
+            t.cos() * 2.0,
+            (t * 0.3).sin() + t.cos()
+        ));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let out = flowtrain()
+        .args([
+            "train",
+            "--preset",
+            "anomaly",
+            "--steps",
+            "50",
+            "--quiet",
+            "--drop-columns",
+            "id",
+            "--data",
+        ])
+        .arg(&csv)
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = manifest(&dir);
+    assert_eq!(m.family, "maf");
+    assert_eq!(m.scoring.contributions.order(), Some(&[0usize, 1, 2][..]));
+    let r = m.reference.clone().unwrap();
+    assert_eq!(
+        (r.count, r.exact),
+        (120, true),
+        "validation and test splits: {r:?}"
+    );
+    assert!(r.source.contains("validation and test"), "{}", r.source);
+    // The preset's values are in the saved configuration; flags still override them.
+    let config = &m.training.config;
+    assert_eq!(config["model"]["permutation"], "none");
+    assert_eq!(config["model"]["hidden"], 32);
+    assert_eq!(config["train"]["steps"], 50);
+
+    // A reference set from another file: all its rows, scored by the package's graph.
+    let out = flowtrain()
+        .args(["calibrate", "--model"])
+        .arg(&dir)
+        .arg("--data")
+        .arg(&csv)
+        .args(["--source", "600 normal rows"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = flowpack::Package::open(&dir).unwrap();
+    let r = p.manifest.reference.unwrap();
+    assert_eq!((r.count, r.source.as_str()), (600, "600 normal rows"));
+    assert_eq!(p.reference.unwrap().len(), 600);
+
+    // A file without the model's features is refused in one line.
+    let bad = tmp.path().join("bad.csv");
+    std::fs::write(&bad, "a,b\n1,2\n").unwrap();
+    let out = flowtrain()
+        .args(["calibrate", "--model"])
+        .arg(&dir)
+        .arg("--data")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_one_line_error(out, "\"c\"");
 }

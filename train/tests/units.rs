@@ -39,6 +39,35 @@ fn adam_minimises_a_quadratic_and_clipping_scales_gradients() {
 }
 
 #[test]
+fn the_weight_average_follows_the_parameters_and_swaps_in_and_out() {
+    // With constant gradients the parameter moves by lr each step (Adam's normalised step);
+    // its average lags behind by the decay's horizon.
+    let w = Var::from_tensor(&Tensor::new(&[0f32], &Device::Cpu).unwrap()).unwrap();
+    let mut adam = Adam::new(vec![w.clone()], 0.0)
+        .unwrap()
+        .with_average(0.9)
+        .unwrap();
+    let mut avg = 0f64;
+    for t in 1..=200u64 {
+        let loss = (w.as_tensor() * -1.0).unwrap().sum_all().unwrap();
+        adam.step(&loss.backward().unwrap(), 0.01, 1.0).unwrap();
+        let d = 0.9f64.min((1.0 + t as f64) / (10.0 + t as f64));
+        let now = w.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
+        avg = d * avg + (1.0 - d) * now;
+    }
+    let now = w.as_tensor().to_vec1::<f32>().unwrap()[0];
+    assert!((now - 2.0).abs() < 1e-3, "{now}");
+    adam.swap_average().unwrap();
+    let swapped = w.as_tensor().to_vec1::<f32>().unwrap()[0];
+    assert!((swapped as f64 - avg).abs() < 1e-4, "{swapped} vs {avg}");
+    assert!(swapped < now - 0.05, "the average lags: {swapped} vs {now}");
+    adam.swap_average().unwrap();
+    assert_eq!(w.as_tensor().to_vec1::<f32>().unwrap()[0], now);
+    // The average is checkpointed with the moments.
+    assert!(adam.state().contains_key("adam.avg.0"));
+}
+
+#[test]
 fn toy_densities_are_seeded_and_finite() {
     for name in toy::TOY {
         let a = toy::sample(name, 500, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
