@@ -26,15 +26,35 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// `rows` samples of the model (decoded from seeded noise), row-major.
+/// `rows` samples of the model (decoded from seeded noise), row-major, rounded to the grid
+/// of the features the model was trained on as recorded on one (shuttle's are integers), so
+/// they look like the data.
 fn draw(package: &Package, rows: usize) -> Vec<f32> {
     let d = package.event_size();
+    let m = &package.manifest;
+    let names = m.domain.features.clone().unwrap_or_default();
+    let steps: Vec<f64> = names
+        .iter()
+        .map(|n| {
+            m.domain
+                .quantized
+                .iter()
+                .find(|q| &q.feature == n)
+                .map_or(0.0, |q| q.step)
+        })
+        .collect();
     let mut decode =
         GraphSession::open(package, Direction::Decode, &SessionOptions::default()).unwrap();
     let mut out = Vec::with_capacity(rows * d);
     let z = flowpack::sampling::latent_noise(rows, d, 1.0, 7);
     for chunk in z.chunks(BATCH * d) {
         out.extend(decode.run(chunk).unwrap().remove(0));
+    }
+    for (i, v) in out.iter_mut().enumerate() {
+        let q = steps.get(i % d).copied().unwrap_or(0.0);
+        if q > 0.0 {
+            *v = ((*v as f64 / q).round() * q) as f32;
+        }
     }
     out
 }
@@ -144,7 +164,7 @@ fn main() {
         "## Batch scoring: `flowserve score` against the in-process ceiling\n\n\
 Machine: {cpu}, {cores} cores. Command: `cargo bench --bench score -- --rows {rows} --rounds {rounds}` \
 (part of `make bench`). Model: `{model}` ({family}, {d} features, contributions {contrib}). \
-{rows} rows drawn from the model, written once as Parquet ({pq_mb:.0} MB, an `id` column and \
+{rows} rows drawn from the model (rounded to the data's integer grid), written once as Parquet ({pq_mb:.0} MB, an `id` column and \
 the features as float32) and as CSV ({csv_mb:.0} MB). The ceiling runs the encode graph in \
 this process on the same rows already in memory, in the same {BATCH}-row batches on one \
 ONNX Runtime thread; `flowserve score` is the whole command: start, load and check the \

@@ -232,3 +232,56 @@ fn the_scoring_job_shards_the_table_by_completion_index() {
     }
     assert_eq!(outputs.len() as i64, n, "each pod writes its own part");
 }
+
+/// Drift: the dashboard has a panel on the share of scored rows below the reference 1 %
+/// tail, and the rules record it and alert when it stays several times higher.
+#[test]
+fn drift_has_a_panel_a_recording_rule_and_an_alert() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana-dashboard.json")).unwrap();
+    let panel = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| {
+            p["title"]
+                .as_str()
+                .unwrap_or("")
+                .contains("reference 1% tail")
+        })
+        .expect("a drift panel");
+    let expr = panel["targets"][0]["expr"].as_str().unwrap();
+    assert!(
+        expr.contains("flowserve_tail_probability_bucket") && expr.contains("le=\"0.01\""),
+        "{expr}"
+    );
+    assert!(expr.contains("flowserve_tail_probability_count"), "{expr}");
+    // The bucket the panel and the rule read is one the server exposes.
+    assert!(flowserve::metrics::TAIL_BUCKETS.contains(&0.01));
+    let rules = yaml("deploy/prometheus-rules.yaml");
+    let rules = rules["spec"]["groups"][0]["rules"].as_vec().unwrap();
+    let record = rules
+        .iter()
+        .find(|r| r["record"].as_str() == Some("flowserve:tail_below_1pct:ratio15m"))
+        .expect("a recording rule");
+    assert!(record["expr"].as_str().unwrap().contains("le=\"0.01\""));
+    let alert = rules
+        .iter()
+        .find(|r| r["alert"].as_str() == Some("FlowserveScoreDrift"))
+        .expect("a drift alert");
+    let expr = alert["expr"].as_str().unwrap();
+    let limit: f64 = expr
+        .split('>')
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        expr.starts_with("flowserve:tail_below_1pct:ratio15m") && limit >= 0.03,
+        "alerts when the share stays several times the expected 1 %: {expr}"
+    );
+    assert!(alert["for"].as_str().is_some());
+}

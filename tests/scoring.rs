@@ -492,7 +492,14 @@ async fn the_batch_scorer_writes_what_score_answers_row_for_row() {
         .zip(body["scores"].as_array().unwrap())
         .map(|(&r, s)| (r, s["log_prob"].as_f64().unwrap() as f32))
         .collect();
-    assert_eq!(by_row.into_iter().collect::<Vec<_>>(), want);
+    // ONNX Runtime's kernels round differently for different batch sizes (the shards run 2-
+    // and 1-row batches, the request one of 4): the last float32 bit may differ.
+    let got: Vec<(u64, f32)> = by_row.into_iter().collect();
+    assert_eq!(got.len(), want.len());
+    for ((r, a), (w, b)) in got.iter().zip(&want) {
+        assert_eq!(r, w);
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "row {r}: {a} vs {b}");
+    }
 }
 
 /// `rows` (9 features) as a Parquet file in row groups of two, with a row of nulls third.

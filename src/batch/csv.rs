@@ -17,7 +17,7 @@ pub struct CsvReader {
     keep: Vec<usize>,
     shard: Shard,
     row: u64,
-    record: csv::StringRecord,
+    record: csv::ByteRecord,
     bytes: u64,
     total: u64,
 }
@@ -67,7 +67,7 @@ impl CsvReader {
             keep,
             shard,
             row: 0,
-            record: csv::StringRecord::new(),
+            record: csv::ByteRecord::new(),
             bytes: reader.position().byte(),
             total,
             reader,
@@ -88,7 +88,7 @@ impl Reader for CsvReader {
         let mut kept = Vec::new();
         let mut any = false;
         while chunk.rows.len() < rows {
-            match self.reader.read_record(&mut self.record) {
+            match self.reader.read_byte_record(&mut self.record) {
                 Ok(false) => break,
                 Ok(true) => {}
                 Err(e) => bail!("row {} of the input: {e}", self.row),
@@ -102,7 +102,8 @@ impl Reader for CsvReader {
             let start = chunk.values.len();
             let mut why = None;
             for (at, name) in &self.features {
-                let cell = self.record.get(*at).unwrap_or("");
+                let cell =
+                    std::str::from_utf8(self.record.get(*at).unwrap_or(b"")).unwrap_or("\u{fffd}");
                 match cell.parse::<f32>() {
                     Ok(v) if v.is_finite() => chunk.values.push(v),
                     Ok(_) => {
@@ -122,9 +123,9 @@ impl Reader for CsvReader {
             }
             chunk.rows.push(row);
             kept.extend(
-                self.keep
-                    .iter()
-                    .map(|&k| self.record.get(k).unwrap_or("").to_string()),
+                self.keep.iter().map(|&k| {
+                    String::from_utf8_lossy(self.record.get(k).unwrap_or(b"")).into_owned()
+                }),
             );
         }
         if !any {
@@ -171,26 +172,32 @@ impl CsvWriter {
 }
 
 impl Writer for CsvWriter {
-    fn write(&mut self, s: &Scored) -> Result<()> {
-        // Numbers are written in Rust's shortest round-trip form: parsing them gives back the
-        // exact scores.
+    fn write(&mut self, s: Scored) -> Result<()> {
+        // Numbers in the shortest form that parses back to the same float (ryu, as
+        // serde_json writes them), without an allocation per field.
         let d = self.features.len();
-        let mut fields: Vec<String> = Vec::new();
+        let mut f32s = ryu::Buffer::new();
+        let mut f64s = ryu::Buffer::new();
+        let mut ints = itoa::Buffer::new();
+        let w = &mut self.writer;
         for (i, &row) in s.chunk.rows.iter().enumerate() {
-            fields.clear();
-            fields.push(row.to_string());
+            w.write_field(ints.format(row))?;
             if let Kept::Text(k) = &s.chunk.kept {
-                fields.extend(k[i * self.keep..(i + 1) * self.keep].iter().cloned());
+                for f in &k[i * self.keep..(i + 1) * self.keep] {
+                    w.write_field(f)?;
+                }
             }
-            fields.push(s.log_prob[i].to_string());
-            fields.push(s.tail_probability[i].to_string());
-            fields.push(s.outlier[i].to_string());
+            w.write_field(f32s.format(s.log_prob[i]))?;
+            w.write_field(f64s.format(s.tail_probability[i]))?;
+            w.write_field(if s.outlier[i] { "true" } else { "false" })?;
             if let (true, Some(t)) = (self.contributions, &s.terms) {
                 let t = &t[i * d..(i + 1) * d];
-                fields.push(top_feature(t, &self.features).to_string());
-                fields.extend(t.iter().map(|v| v.to_string()));
+                w.write_field(top_feature(t, &self.features))?;
+                for v in t {
+                    w.write_field(f32s.format(*v))?;
+                }
             }
-            self.writer.write_record(&fields)?;
+            w.write_record(None::<&[u8]>)?;
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use flowpack::runtime::{GraphSession, SessionOptions};
 use flowpack::{Direction, Package};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::scoring::{check_threshold, is_outlier, most_surprising, Scorer};
+use crate::scoring::{check_threshold, is_outlier, Scorer};
 
 mod csv;
 mod parquet;
@@ -179,7 +179,7 @@ pub trait Reader: Send {
 /// A table sink.
 pub trait Writer: Send {
     /// Writes one scored chunk.
-    fn write(&mut self, s: &Scored) -> Result<()>;
+    fn write(&mut self, s: Scored) -> Result<()>;
     /// Flushes and closes the file.
     fn finish(self: Box<Self>) -> Result<()>;
 }
@@ -195,6 +195,9 @@ pub struct Summary {
     pub outliers: u64,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// Seconds inside ONNX Runtime (the rest is start-up, reading, scoring and writing not
+    /// hidden behind it).
+    pub graph_seconds: f64,
 }
 
 enum Format {
@@ -326,7 +329,7 @@ fn read_all(reader: &mut dyn Reader, rows: usize, out: SyncSender<Chunk>) -> Res
 
 fn write_all(mut writer: Box<dyn Writer>, results: Receiver<Scored>) -> Result<()> {
     for scored in results {
-        writer.write(&scored)?;
+        writer.write(scored)?;
     }
     writer.finish()
 }
@@ -358,7 +361,9 @@ fn score_all(
             summary.skipped += chunk.bad.len() as u64;
         }
         if !chunk.rows.is_empty() {
+            let started = Instant::now();
             let mut outputs = session.run(&chunk.values)?.into_iter();
+            summary.graph_seconds += started.elapsed().as_secs_f64();
             let mut log_prob = outputs.nth(1).expect("log_prob");
             let mut terms = outputs.next().filter(|_| scorer.has_terms);
             // A row the model scores as non-finite lies far outside its data: malformed for
@@ -467,10 +472,14 @@ fn drop_rows(
     Ok(())
 }
 
-/// The names of a row's features, most surprising first (the output's `most_surprising`
-/// is the first).
+/// The name of a row's most surprising feature (the first of
+/// [`crate::scoring::most_surprising`]: the lowest term, the first of ties).
 pub fn top_feature<'a>(terms: &[f32], features: &'a [String]) -> &'a str {
-    most_surprising(terms)
-        .first()
-        .map_or("", |&i| features[i].as_str())
+    let mut best = 0;
+    for (i, t) in terms.iter().enumerate().skip(1) {
+        if t.total_cmp(&terms[best]).is_lt() {
+            best = i;
+        }
+    }
+    features.get(best).map_or("", String::as_str)
 }

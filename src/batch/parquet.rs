@@ -18,6 +18,7 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchR
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use super::{top_feature, BadRow, Chunk, Kept, Layout, Reader, Scored, Writer};
 
@@ -126,6 +127,17 @@ impl ParquetReader {
 
 /// Column `c` as f32 values with a validity flag per row (null or non-finite: invalid).
 fn as_f32(c: &dyn Array) -> Result<Vec<Option<f32>>> {
+    // The common case without nulls: no per-value branching on validity.
+    if c.null_count() == 0 {
+        if let DataType::Float32 = c.data_type() {
+            return Ok(c
+                .as_primitive::<Float32Type>()
+                .values()
+                .iter()
+                .map(|&v| v.is_finite().then_some(v))
+                .collect());
+        }
+    }
     macro_rules! prim {
         ($t:ty) => {
             c.as_primitive::<$t>()
@@ -177,6 +189,8 @@ impl Reader for ParquetReader {
             })
             .collect::<Result<Vec<_>>>()?;
         let d = columns.len();
+        let first = self.input_row(self.consumed);
+        let contiguous = self.input_row(self.consumed + take as u64 - 1) == first + take as u64 - 1;
         let mut chunk = Chunk {
             rows: Vec::with_capacity(take),
             values: Vec::with_capacity(take * d),
@@ -186,7 +200,11 @@ impl Reader for ParquetReader {
         };
         let mut good = Vec::with_capacity(take);
         for r in 0..take {
-            let row = self.input_row(self.consumed + r as u64);
+            let row = if contiguous {
+                first + r as u64
+            } else {
+                self.input_row(self.consumed + r as u64)
+            };
             match columns.iter().position(|c| c[r].is_none()) {
                 Some(j) => {
                     let c = part.column_by_name(&self.features[j]).expect("projected");
@@ -272,9 +290,13 @@ impl ParquetWriter {
         let schema = Arc::new(Schema::new(fields));
         let file =
             File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+        // Dictionaries pay for the feature names only; for scores they cost time and fall
+        // back to plain encoding anyway.
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(131_072))
+            .set_dictionary_enabled(false)
+            .set_column_dictionary_enabled(ColumnPath::from("most_surprising"), true)
             .build();
         Ok(ParquetWriter {
             writer: ArrowWriter::try_new(file, schema.clone(), Some(props))?,
@@ -286,12 +308,12 @@ impl ParquetWriter {
 }
 
 impl Writer for ParquetWriter {
-    fn write(&mut self, s: &Scored) -> Result<()> {
+    fn write(&mut self, s: Scored) -> Result<()> {
         let n = s.chunk.rows.len();
         let d = self.features.len();
-        let mut columns: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from(s.chunk.rows.clone()))];
-        match &s.chunk.kept {
-            Kept::Arrow(k) => columns.extend(k.iter().cloned()),
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from(s.chunk.rows))];
+        match s.chunk.kept {
+            Kept::Arrow(k) => columns.extend(k),
             Kept::Text(t) => {
                 let width = t.len() / n.max(1);
                 for j in 0..width {
@@ -302,9 +324,9 @@ impl Writer for ParquetWriter {
             }
             Kept::None => {}
         }
-        columns.push(Arc::new(Float32Array::from(s.log_prob.clone())));
-        columns.push(Arc::new(Float64Array::from(s.tail_probability.clone())));
-        columns.push(Arc::new(BooleanArray::from(s.outlier.clone())));
+        columns.push(Arc::new(Float32Array::from(s.log_prob)));
+        columns.push(Arc::new(Float64Array::from(s.tail_probability)));
+        columns.push(Arc::new(BooleanArray::from(s.outlier)));
         if let (true, Some(t)) = (self.contributions, &s.terms) {
             columns.push(Arc::new(StringArray::from_iter_values(
                 (0..n).map(|i| top_feature(&t[i * d..(i + 1) * d], &self.features)),
