@@ -2,6 +2,8 @@
 //! probability against the model's reference set, the outlier decision, and its exact
 //! per-feature terms, most surprising first.
 
+use std::borrow::Cow;
+
 use flowpack::{Package, ReferenceSet};
 
 /// What a package needs to score rows: its reference set, threshold and feature names.
@@ -10,8 +12,8 @@ pub struct Scorer<'a> {
     pub reference: &'a ReferenceSet,
     /// The threshold used when a caller gives none.
     pub default_threshold: f64,
-    /// Feature names, in row order.
-    pub features: Vec<String>,
+    /// Feature names, in row order (borrowed from the manifest: no copy per request).
+    pub features: Cow<'a, [String]>,
     /// Whether the encode graph gives exact per-feature terms.
     pub has_terms: bool,
 }
@@ -30,11 +32,10 @@ impl<'a> Scorer<'a> {
         Ok(Scorer {
             reference,
             default_threshold: m.scoring.threshold,
-            features: m
-                .domain
-                .features
-                .clone()
-                .unwrap_or_else(|| (0..d).map(|i| format!("x{i}")).collect()),
+            features: match &m.domain.features {
+                Some(f) => Cow::Borrowed(f.as_slice()),
+                None => Cow::Owned((0..d).map(|i| format!("x{i}")).collect()),
+            },
             has_terms: m.scoring.contributions.order().is_some(),
         })
     }

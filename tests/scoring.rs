@@ -129,15 +129,7 @@ async fn contributions_explain_the_outlier_and_sum_to_its_log_prob() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let info = server
-        .client
-        .get(server.url("/v1/models/shuttle"))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
+    let info = server.get_json("/v1/models/shuttle").await;
     let features: Vec<String> = serde_json::from_value(info["domain"]["features"].clone()).unwrap();
     assert_eq!(info["scoring"]["contributions"], true);
     assert_eq!(info["reference"]["count"], body["reference_size"], "{info}");
@@ -210,15 +202,7 @@ async fn contributions_explain_the_outlier_and_sum_to_its_log_prob() {
         .await;
     assert_eq!(status, 200, "{wine}");
     assert!(wine["scores"][0].get("contributions").is_none());
-    let info = server
-        .client
-        .get(server.url("/v1/models/wine"))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
+    let info = server.get_json("/v1/models/wine").await;
     assert_eq!(info["scoring"]["contributions"], false);
     let why = info["scoring"]["why_not"].as_str().unwrap();
     assert!(why.contains("coupling"), "{why}");

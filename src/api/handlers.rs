@@ -30,38 +30,35 @@ type Inputs = ApiJson<InputsRequest>;
 const OUT_OF_DOMAIN: &str =
     "log_prob is not a finite float32: the row lies far outside the data the model was trained on";
 
-/// The inputs of a `/log_prob` or `/encode` request through the encode graph, with finite
-/// scores counted in the model's score histogram.
+/// Rows through `model`'s encode graph, with finite scores counted in its score histogram
+/// and, for a model with a reference set, their tail probabilities (returned, and counted in
+/// the drift histogram whichever route served them).
 async fn scored(
     call: &Call,
     d: Deadline,
-    req: InputsRequest,
-) -> Result<(Arc<Model>, Outputs), ApiError> {
-    let model = call.model(req.model.as_deref())?;
+    model: &Model,
+    inputs: Rows,
+) -> Result<(Outputs, Option<Vec<f64>>), ApiError> {
     let out = call
-        .run(&model, Direction::Encode, "inputs", req.inputs, d.0)
+        .run(model, Direction::Encode, "inputs", inputs, d.0)
         .await?;
     finite(&out.values[1], 1, "inputs", OUT_OF_DOMAIN)?;
     model.metrics.observe_log_prob(&out.values[1]);
-    if let Some(reference) = &model.package.reference {
-        // Every scored row feeds the drift histogram, whichever route served it.
+    let tails = model.package.reference.as_ref().map(|reference| {
         let tails: Vec<f64> = out.values[1]
             .iter()
             .map(|&v| reference.tail_probability(v))
             .collect();
         model.metrics.observe_tail_probabilities(&tails);
-    }
-    Ok((model, out))
+        tails
+    });
+    Ok((out, tails))
 }
 
 /// `POST /score`: per row, log p(x), its tail probability against the model's reference
 /// set, whether that is at or below the threshold, and (for models with exact
 /// per-feature terms) each feature's conditional log-density, most surprising first.
-pub(super) async fn score(
-    call: Call,
-    Deadline(d): Deadline,
-    ApiJson(req): ApiJson<ScoreRequest>,
-) -> Answer {
+pub(super) async fn score(call: Call, d: Deadline, ApiJson(req): ApiJson<ScoreRequest>) -> Answer {
     let model = call.model(req.model.as_deref())?;
     let scorer = Scorer::new(&model.package).map_err(ApiError::Invalid)?;
     let threshold = match req.threshold {
@@ -73,19 +70,13 @@ pub(super) async fn score(
             "top must be at least 1 (leave it out for every feature)".into(),
         ));
     }
-    let out = call
-        .run(&model, Direction::Encode, "inputs", req.inputs, d)
-        .await?;
-    let lp = &out.values[1];
-    finite(lp, 1, "inputs", OUT_OF_DOMAIN)?;
-    model.metrics.observe_log_prob(lp);
-    let tails = scorer.tail_probabilities(lp);
-    model.metrics.observe_tail_probabilities(&tails);
+    let (out, tails) = scored(&call, d, &model, req.inputs).await?;
+    let tails = tails.expect("Scorer::new checked the reference set");
     let contributions = match (req.contributions.unwrap_or(true), out.values.get(2)) {
         (true, Some(terms)) if scorer.has_terms => {
             finite(terms, model.event_size, "inputs", OUT_OF_DOMAIN)?;
             let top = req.top.unwrap_or(usize::MAX);
-            Some((terms.as_slice(), scorer.features.as_slice(), top))
+            Some((terms.as_slice(), &scorer.features[..], top))
         }
         _ => None,
     };
@@ -94,7 +85,7 @@ pub(super) async fn score(
         version: model.version,
         reference_size: scorer.reference.len(),
         threshold,
-        log_prob: lp,
+        log_prob: &out.values[1],
         tail_probability: &tails,
         contributions,
     };
@@ -103,7 +94,8 @@ pub(super) async fn score(
 
 /// `POST /log_prob`: log p(x) per row.
 pub(super) async fn log_prob(call: Call, d: Deadline, ApiJson(req): Inputs) -> Answer {
-    let (model, out) = scored(&call, d, req).await?;
+    let model = call.model(req.model.as_deref())?;
+    let (out, _) = scored(&call, d, &model, req.inputs).await?;
     let lp = &out.values[1];
     let body = LogProbOut {
         model: &model.name,
@@ -115,7 +107,8 @@ pub(super) async fn log_prob(call: Call, d: Deadline, ApiJson(req): Inputs) -> A
 
 /// `POST /encode`: z and log p(x) per row.
 pub(super) async fn encode(call: Call, d: Deadline, ApiJson(req): Inputs) -> Answer {
-    let (model, out) = scored(&call, d, req).await?;
+    let model = call.model(req.model.as_deref())?;
+    let (out, _) = scored(&call, d, &model, req.inputs).await?;
     let (z, lp) = (&out.values[0], &out.values[1]);
     finite(z, model.event_size, "inputs", OUT_OF_DOMAIN)?;
     let event_shape = &model.package.manifest.event_shape;

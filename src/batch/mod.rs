@@ -232,7 +232,7 @@ pub fn run(args: &ScoreArgs) -> Result<Summary> {
         bail!("--keep copies columns as they are: write the output in the input's format");
     }
     let layout = Layout {
-        features: scorer.features.clone(),
+        features: scorer.features.to_vec(),
         keep: args.keep.clone(),
         contributions: scorer.has_terms,
     };
