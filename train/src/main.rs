@@ -99,6 +99,10 @@ struct TrainArgs {
     /// Batch norm after coupling layers.
     #[arg(long)]
     batch_norm: Option<bool>,
+    /// A Yeo–Johnson power transform per feature after standardising (fitted on the
+    /// training split, exported with the flow).
+    #[arg(long)]
+    power_transform: Option<bool>,
     /// How couplings split the features.
     #[arg(long, value_enum)]
     mask: Option<Mask>,
@@ -224,7 +228,7 @@ fn config_for(a: &TrainArgs) -> Result<Config> {
         c.model.family => a.family, c.data.dataset => a.data, c.train.steps => a.steps,
         c.train.seed => a.seed, c.model.layers => a.layers, c.model.hidden => a.hidden,
         c.model.hidden_layers => a.hidden_layers, c.model.activation => a.activation,
-        c.model.batch_norm => a.batch_norm, c.model.mask => a.mask, c.model.permutation => a.permutation,
+        c.model.batch_norm => a.batch_norm, c.data.power_transform => a.power_transform, c.model.mask => a.mask, c.model.permutation => a.permutation,
         c.train.batch_size => a.batch_size, c.train.lr => a.lr, c.train.weight_decay => a.weight_decay,
         c.train.average_decay => a.average_decay, c.train.patience => a.patience,
         c.train.eval_every => a.eval_every, c.train.checkpoint_every => a.checkpoint_every,

@@ -6,6 +6,9 @@ use anyhow::{Context, Result};
 use flowpack::{Manifest, Metrics, Training};
 use serde::Serialize;
 
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
 use crate::bijectors::Ctx;
 use crate::config::Config;
 use crate::data::{self, Splits};
@@ -54,10 +57,14 @@ pub fn build(config: &Config, data: &Splits) -> Result<(Flow, Params, Vec<f32>)>
         };
         Flow::build(&config.model, &shape, pre, &params)?
     } else {
-        let standardize = config
-            .data
-            .standardize
-            .then(|| data::standardization(t, &deq));
+        let standardize = config.data.standardize.then(|| {
+            let mut s = data::standardization(t, &deq);
+            if config.data.power_transform {
+                let mut rng = ChaCha8Rng::seed_from_u64(seeds::power_transform(config.train.seed));
+                data::fit_power_transform(&mut s, t, &deq, &mut rng);
+            }
+            s
+        });
         let pre = match &standardize {
             Some(s) => Preprocess::Standardize(s),
             None => Preprocess::None,

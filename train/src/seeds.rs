@@ -44,6 +44,11 @@ pub fn validation(seed: u64) -> u64 {
     seed ^ 0x7a1
 }
 
+/// The dequantisation noise of the sample a power transform is fitted on.
+pub fn power_transform(seed: u64) -> u64 {
+    seed ^ 0x9e0_4a11
+}
+
 /// The fixed dequantisation noise of the test split (independent of the run's seed, so
 /// runs compare on the same noise).
 pub const TEST_NOISE: u64 = 0x7e57;

@@ -26,6 +26,95 @@ fn elementwise_affine() {
 }
 
 #[test]
+fn yeo_johnson_transform() {
+    let (lo, hi) = LAMBDA_RANGE;
+    let b = YeoJohnson::new(&[lo as f32, 0.3, 1.0, 1.4, hi as f32]).unwrap();
+    check_bijector(&b, 5, 12);
+    // Far tails, zero and values next to it invert too (in candle and in ONNX Runtime).
+    let x: Vec<f32> = [-300.0, -12.0, -1e-3, 0.0, 1e-3, 0.5, 12.0, 300.0, 5e3, -5e3]
+        .iter()
+        .flat_map(|&v| [v; 5])
+        .collect();
+    let (z, ld) = b.encode(&tensor(&x, 5), &Ctx::EVAL).unwrap();
+    let back = to_vec(&b.decode(&z, &Ctx::EVAL).unwrap());
+    assert_close(&back, &x, 1e-5, 1e-5, "yeo_johnson: tails");
+    let (oz, old) = onnx_encode(&b, &x, &[5]);
+    assert_close(
+        &oz,
+        &to_vec(&z),
+        1e-5,
+        1e-5,
+        "yeo_johnson: ONNX z in the tails",
+    );
+    assert_close(
+        &old,
+        &to_vec(&ld),
+        1e-5,
+        1e-5,
+        "yeo_johnson: ONNX log-det in the tails",
+    );
+    // λ = 1 is the identity; monotone increasing for every λ.
+    assert_close(
+        &oz[2..50].iter().step_by(5).copied().collect::<Vec<_>>(),
+        &x[2..50].iter().step_by(5).copied().collect::<Vec<_>>(),
+        1e-6,
+        1e-6,
+        "λ = 1 (up to rounding)",
+    );
+    let grid: Vec<f32> = (0..2001)
+        .map(|i| -20.0 + i as f32 * 0.02)
+        .flat_map(|v| [v; 5])
+        .collect();
+    let (gz, _) = onnx_encode(&b, &grid, &[5]);
+    for k in 0..5 {
+        let col: Vec<f32> = gz.iter().skip(k).step_by(5).copied().collect();
+        assert!(
+            col.windows(2).all(|w| w[1] > w[0]),
+            "feature {k}: not increasing"
+        );
+    }
+    for bad in [0.0, 2.0, -1.0, f32::NAN] {
+        assert!(YeoJohnson::new(&[bad]).is_err(), "λ = {bad} refused");
+    }
+}
+
+#[test]
+fn yeo_johnson_fit_takes_out_skew() {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, StandardNormal};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let normal: Vec<f64> = (0..4000).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let standardise = |v: Vec<f64>| {
+        let n = v.len() as f64;
+        let m = v.iter().sum::<f64>() / n;
+        let s = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n).sqrt();
+        v.into_iter().map(|x| (x - m) / s).collect::<Vec<_>>()
+    };
+    let skew = |v: &[f64]| {
+        let v = standardise(v.to_vec());
+        v.iter().map(|x| x.powi(3)).sum::<f64>() / v.len() as f64
+    };
+    // Gaussian data: λ near 1 (the identity).
+    let l = YeoJohnson::fit(&normal);
+    assert!((l - 1.0).abs() < 0.1, "Gaussian: λ = {l}");
+    // Right-skewed (log-normal) data: λ < 1, and the transform removes most of the skew.
+    let right = standardise(normal.iter().map(|x| (0.6 * x).exp()).collect());
+    let l = YeoJohnson::fit(&right);
+    let after: Vec<f64> = right.iter().map(|&v| yeo_johnson(v, l)).collect();
+    assert!(l < 0.6, "log-normal: λ = {l}");
+    assert!(
+        skew(&right) > 1.5 && skew(&after).abs() < 0.5 * skew(&right),
+        "skew {} → {}",
+        skew(&right),
+        skew(&after)
+    );
+    // Left-skewed data: λ > 1.
+    let left: Vec<f64> = right.iter().map(|v| -v).collect();
+    let l = YeoJohnson::fit(&left);
+    assert!(l > 1.4, "reflected log-normal: λ = {l}");
+}
+
+#[test]
 fn permutations() {
     check_bijector(&Permutation::reverse(5).unwrap(), 5, 11);
     check_bijector(&Permutation::random(6, 3).unwrap(), 6, 12);

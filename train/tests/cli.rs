@@ -370,6 +370,7 @@ fn the_anomaly_preset_trains_an_explainable_maf_and_calibrate_replaces_its_refer
     let config = &m.training.config;
     assert_eq!(config["model"]["permutation"], "none");
     assert_eq!(config["model"]["hidden"], 32);
+    assert_eq!(config["data"]["power_transform"], true);
     assert_eq!(config["train"]["steps"], 50);
 
     // A reference set from another file: all its rows, scored by the package's graph.

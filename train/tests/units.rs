@@ -186,6 +186,14 @@ fn config_files_layer_under_flags_and_reject_unknown_keys() {
         .unwrap_err()
         .to_string()
         .contains("batch_size"));
+    let mut bad = Config::default();
+    bad.model.family = flowtrain::config::Family::Glow;
+    bad.data.power_transform = true;
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("power_transform"));
 }
 
 #[test]

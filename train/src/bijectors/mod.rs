@@ -26,6 +26,7 @@ mod inverse;
 mod logit;
 mod made;
 mod permutation;
+mod power;
 mod split;
 mod squeeze;
 
@@ -41,6 +42,7 @@ pub use inverse::Inverse;
 pub use logit::Logit;
 pub use made::{degrees, Agnostic, Made};
 pub use permutation::Permutation;
+pub use power::{yeo_johnson, YeoJohnson, LAMBDA_RANGE};
 pub use split::{Mask, Split};
 pub use squeeze::Squeeze;
 

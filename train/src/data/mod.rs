@@ -10,8 +10,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::bijectors::{yeo_johnson, YeoJohnson};
 use crate::config::{DataConfig, Dequantize};
-use crate::flows::Standardization;
+use crate::flows::{PowerTransform, Standardization};
 
 mod builtin;
 mod files;
@@ -271,5 +272,45 @@ pub fn standardization(train: &Table, steps: &[f32]) -> Standardization {
         shift.push(mean as f32);
         scale.push(if std > 1e-6 { std as f32 } else { 1.0 });
     }
-    Standardization { shift, scale }
+    Standardization {
+        shift,
+        scale,
+        power: None,
+    }
+}
+
+/// Fits a Yeo–Johnson λ per feature (maximum likelihood) to the standardised training split,
+/// dequantised with noise from `rng` so that grid values are not point masses, and the
+/// standardisation of the result; stores it in `std`.
+pub fn fit_power_transform(
+    std: &mut Standardization,
+    train: &Table,
+    steps: &[f32],
+    rng: &mut ChaCha8Rng,
+) {
+    let dim = train.dim;
+    let mut values = train.values.clone();
+    dequantize(&mut values, dim, steps, rng);
+    let (mut lambda, mut shift, mut scale) = (Vec::new(), Vec::new(), Vec::new());
+    for c in 0..dim {
+        let col: Vec<f64> = values
+            .iter()
+            .skip(c)
+            .step_by(dim)
+            .map(|&v| ((v - std.shift[c]) / std.scale[c]) as f64)
+            .collect();
+        let l = YeoJohnson::fit(&col) as f32;
+        let z: Vec<f64> = col.iter().map(|&v| yeo_johnson(v, l as f64)).collect();
+        let n = z.len() as f64;
+        let mean = z.iter().sum::<f64>() / n;
+        let sd = (z.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
+        lambda.push(l);
+        shift.push(mean as f32);
+        scale.push(if sd > 1e-6 { sd as f32 } else { 1.0 });
+    }
+    std.power = Some(PowerTransform {
+        lambda,
+        shift,
+        scale,
+    });
 }

@@ -9,7 +9,7 @@ use flowpack::{Base, Contributions, Cost};
 
 use crate::bijectors::{
     BatchNorm, Bijector, Chain, Coupling, Ctx, Dependence, Elementwise, ElementwiseAffine,
-    LogDetSum, Logit, Permutation,
+    LogDetSum, Logit, Permutation, YeoJohnson,
 };
 use crate::config::{Family, ModelConfig, PermutationKind};
 use crate::onnx::Graph;
@@ -46,6 +46,20 @@ pub struct Standardization {
     pub shift: Vec<f32>,
     /// Per-feature standard deviation.
     pub scale: Vec<f32>,
+    /// A Yeo–Johnson transform of the standardised features, if fitted.
+    pub power: Option<PowerTransform>,
+}
+
+/// A Yeo–Johnson transform per standardised feature followed by a second standardisation
+/// of its output, both fitted on the (dequantised) training split.
+#[derive(Debug, Clone)]
+pub struct PowerTransform {
+    /// Per-feature λ.
+    pub lambda: Vec<f32>,
+    /// Per-feature mean of the transformed features.
+    pub shift: Vec<f32>,
+    /// Per-feature standard deviation of the transformed features.
+    pub scale: Vec<f32>,
 }
 
 /// The first bijector of a flow: what makes raw data unit-scale and unbounded.
@@ -79,11 +93,21 @@ impl Flow {
         let mut chain = Chain::new();
         match pre {
             Preprocess::None => {}
-            Preprocess::Standardize(s) => chain.push(ElementwiseAffine::new(
-                &params.pp("standardize"),
-                &s.shift,
-                &s.scale,
-            )?),
+            Preprocess::Standardize(s) => {
+                chain.push(ElementwiseAffine::new(
+                    &params.pp("standardize"),
+                    &s.shift,
+                    &s.scale,
+                )?);
+                if let Some(pt) = &s.power {
+                    chain.push(YeoJohnson::new(&pt.lambda)?);
+                    chain.push(ElementwiseAffine::new(
+                        &params.pp("power_standardize"),
+                        &pt.shift,
+                        &pt.scale,
+                    )?);
+                }
+            }
             Preprocess::Logit { low, high } => chain.push(Logit::new(low, high, LOGIT_ALPHA)?),
         }
         chain.append(match cfg.family {
