@@ -8,7 +8,7 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
 CARGO ?= cargo
 FLOWTRAIN := target/release/flowtrain
 
-.PHONY: all ort data build serve test lint unit models bench clean
+.PHONY: all ort data build serve test test-venv lint unit models bench clean
 
 all: build
 
@@ -38,7 +38,11 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit: ort
+## The Python side of the tests (tritonclient for the Open Inference Protocol tests).
+test-venv:
+	scripts/test-venv.sh .test-venv
+
+unit: ort test-venv
 	@if command -v cargo-nextest >/dev/null 2>&1; then \
 	  $(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
@@ -65,4 +69,4 @@ bench: ort data
 
 clean:
 	$(CARGO) clean
-	rm -rf .ort runs
+	rm -rf .ort runs .test-venv

@@ -26,16 +26,19 @@ pub enum Endpoint {
     Decode,
     /// `POST /score`
     Score,
+    /// `POST /v2/models/{name}/infer` (Open Inference Protocol)
+    Infer,
 }
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 5] = [
+    pub const ALL: [Endpoint; 6] = [
         Endpoint::LogProb,
         Endpoint::Encode,
         Endpoint::Sample,
         Endpoint::Decode,
         Endpoint::Score,
+        Endpoint::Infer,
     ];
 
     /// The label value (and the route's last segment).
@@ -46,6 +49,7 @@ impl Endpoint {
             Endpoint::Sample => "sample",
             Endpoint::Decode => "decode",
             Endpoint::Score => "score",
+            Endpoint::Infer => "infer",
         }
     }
 }
@@ -143,7 +147,7 @@ pub struct ModelMetrics {
     name: String,
     version: String,
     requests: IntCounterVec,
-    endpoints: [EndpointSeries; 5],
+    endpoints: [EndpointSeries; 6],
     queues: [QueueMetrics; 2],
     rejections: [IntCounter; 5],
     log_prob: Histogram,

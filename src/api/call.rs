@@ -1,6 +1,7 @@
 //! [`Call`]: what an inference handler works with — the model (from the URL, the body or the
 //! default), the checks of rows against its manifest and the limits, and the queue.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, OptionalFromRequestParts, Path};
@@ -13,7 +14,7 @@ use super::record::Scope;
 use super::wire::Rows;
 use super::AppState;
 use crate::batcher::{BatchError, Outputs};
-use crate::repository::{valid_name, Model};
+use crate::repository::{valid_name, Model, Repository};
 
 /// One inference request's context.
 pub struct Call {
@@ -30,12 +31,15 @@ impl FromRequestParts<Arc<AppState>> for Call {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
-        let named = <Path<String> as OptionalFromRequestParts<_>>::from_request_parts(parts, state)
+        let params =
+            <Path<HashMap<String, String>> as OptionalFromRequestParts<_>>::from_request_parts(
+                parts, state,
+            )
             .await
             .map_err(|e| ApiError::Malformed(format!("the model name in the URL: {e}")))?;
         Ok(Call {
             state: state.clone(),
-            named: named.map(|Path(n)| n),
+            named: params.and_then(|Path(mut p)| p.remove("name")),
             scope: parts
                 .extensions
                 .get::<Arc<Scope>>()
@@ -54,11 +58,7 @@ impl Call {
     /// The model this request is for: the URL's, else the body's (they must agree), else the
     /// default one.
     pub fn model(&self, in_body: Option<&str>) -> Result<Arc<Model>, ApiError> {
-        let repo = self.state.repo.get().ok_or_else(|| {
-            ApiError::Unavailable(
-                "models are still loading; GET /readyz says when they are ready".into(),
-            )
-        })?;
+        let repo = self.repository()?;
         let name = match (self.named.as_deref(), in_body) {
             (Some(p), Some(b)) if p != b => {
                 return Err(ApiError::Invalid(format!(
@@ -78,7 +78,22 @@ impl Call {
                 }
             },
         };
-        let model = repo
+        self.lookup(name)
+    }
+
+    /// The loaded models.
+    pub fn repository(&self) -> Result<&Repository, ApiError> {
+        self.state.repo.get().ok_or_else(|| {
+            ApiError::Unavailable(
+                "models are still loading; GET /readyz says when they are ready".into(),
+            )
+        })
+    }
+
+    /// The model served as `name`, which this request is now for.
+    pub fn lookup(&self, name: &str) -> Result<Arc<Model>, ApiError> {
+        let model = self
+            .repository()?
             .models
             .get(name)
             .filter(|_| valid_name(name))

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
@@ -21,15 +22,8 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let limit = state.config.max_body_bytes;
-        check_json_headers(req.headers(), limit)?;
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| {
-                ApiError::TooLarge(format!(
-                    "the body is larger than the limit of {limit} bytes"
-                ))
-            })?;
+        check_json_type(req.headers())?;
+        let Body(bytes) = Body::from_request(req, state).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::Malformed(
                 "the body is empty; send a JSON object".into(),
@@ -44,8 +38,37 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
     }
 }
 
-/// 415 unless the content type is JSON; 413 when the declared length is past `limit`.
-fn check_json_headers(headers: &HeaderMap, limit: usize) -> Result<(), ApiError> {
+/// A request body of any type, read whole up to `--max-body-bytes` (413 past it; a
+/// compressed body is measured as decompressed).
+pub struct Body(pub Bytes);
+
+impl FromRequest<Arc<AppState>> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let limit = state.config.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        if let Some(len) = declared.filter(|&len| len > limit) {
+            return Err(ApiError::TooLarge(format!(
+                "the body has {len} bytes; the limit is {limit}"
+            )));
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| {
+                ApiError::TooLarge(format!(
+                    "the body is larger than the limit of {limit} bytes"
+                ))
+            })?;
+        Ok(Body(bytes))
+    }
+}
+
+/// 415 unless the content type is JSON.
+fn check_json_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -63,19 +86,11 @@ fn check_json_headers(headers: &HeaderMap, limit: usize) -> Result<(), ApiError>
             "send the body as JSON with Content-Type: application/json (got {got})"
         )));
     }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    match declared {
-        Some(len) if len > limit => Err(ApiError::TooLarge(format!(
-            "the body has {len} bytes; the limit is {limit}"
-        ))),
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 /// Re-parses a body that failed, to say where and why.
-fn explain<T: DeserializeOwned>(bytes: &[u8]) -> ApiError {
+pub(super) fn explain<T: DeserializeOwned>(bytes: &[u8]) -> ApiError {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let e = match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(_) => {

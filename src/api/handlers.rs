@@ -27,22 +27,23 @@ type St = State<Arc<AppState>>;
 type Answer = Result<Served, ApiError>;
 type Inputs = ApiJson<InputsRequest>;
 
-const OUT_OF_DOMAIN: &str =
+pub(super) const OUT_OF_DOMAIN: &str =
     "log_prob is not a finite float32: the row lies far outside the data the model was trained on";
 
-/// Rows through `model`'s encode graph, with finite scores counted in its score histogram
-/// and, for a model with a reference set, their tail probabilities (returned, and counted in
-/// the drift histogram whichever route served them).
-async fn scored(
+/// Rows (the request's `field`) through `model`'s encode graph, with finite scores counted
+/// in its score histogram and, for a model with a reference set, their tail probabilities
+/// (returned, and counted in the drift histogram whichever route served them).
+pub(super) async fn scored(
     call: &Call,
     d: Deadline,
     model: &Model,
+    field: &str,
     inputs: Rows,
 ) -> Result<(Outputs, Option<Vec<f64>>), ApiError> {
     let out = call
-        .run(model, Direction::Encode, "inputs", inputs, d.0)
+        .run(model, Direction::Encode, field, inputs, d.0)
         .await?;
-    finite(&out.values[1], 1, "inputs", OUT_OF_DOMAIN)?;
+    finite(&out.values[1], 1, field, OUT_OF_DOMAIN)?;
     model.metrics.observe_log_prob(&out.values[1]);
     let tails = model.package.reference.as_ref().map(|reference| {
         let tails: Vec<f64> = out.values[1]
@@ -70,7 +71,7 @@ pub(super) async fn score(call: Call, d: Deadline, ApiJson(req): ApiJson<ScoreRe
             "top must be at least 1 (leave it out for every feature)".into(),
         ));
     }
-    let (out, tails) = scored(&call, d, &model, req.inputs).await?;
+    let (out, tails) = scored(&call, d, &model, "inputs", req.inputs).await?;
     let tails = tails.expect("Scorer::new checked the reference set");
     let contributions = match (req.contributions.unwrap_or(true), out.values.get(2)) {
         (true, Some(terms)) if scorer.has_terms => {
@@ -95,7 +96,7 @@ pub(super) async fn score(call: Call, d: Deadline, ApiJson(req): ApiJson<ScoreRe
 /// `POST /log_prob`: log p(x) per row.
 pub(super) async fn log_prob(call: Call, d: Deadline, ApiJson(req): Inputs) -> Answer {
     let model = call.model(req.model.as_deref())?;
-    let (out, _) = scored(&call, d, &model, req.inputs).await?;
+    let (out, _) = scored(&call, d, &model, "inputs", req.inputs).await?;
     let lp = &out.values[1];
     let body = LogProbOut {
         model: &model.name,
@@ -108,7 +109,7 @@ pub(super) async fn log_prob(call: Call, d: Deadline, ApiJson(req): Inputs) -> A
 /// `POST /encode`: z and log p(x) per row.
 pub(super) async fn encode(call: Call, d: Deadline, ApiJson(req): Inputs) -> Answer {
     let model = call.model(req.model.as_deref())?;
-    let (out, _) = scored(&call, d, &model, req.inputs).await?;
+    let (out, _) = scored(&call, d, &model, "inputs", req.inputs).await?;
     let (z, lp) = (&out.values[0], &out.values[1]);
     finite(z, model.event_size, "inputs", OUT_OF_DOMAIN)?;
     let event_shape = &model.package.manifest.event_shape;
@@ -372,8 +373,9 @@ pub(super) async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "alive"}))
 }
 
-/// `GET /readyz`: every model loaded, checked and warmed, and not draining.
-pub(super) async fn readyz(State(s): St) -> Result<Json<serde_json::Value>, ApiError> {
+/// The number of models served, when the server is ready: every model loaded, checked and
+/// warmed, at least one of them, and not draining.
+pub(super) fn ready(s: &AppState) -> Result<usize, ApiError> {
     if s.draining.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable(
             "draining: the server is shutting down".into(),
@@ -384,8 +386,14 @@ pub(super) async fn readyz(State(s): St) -> Result<Json<serde_json::Value>, ApiE
         Some(r) if r.models.is_empty() => Err(ApiError::Unavailable(
             "no model could be loaded; GET /v1/models says why".into(),
         )),
-        Some(r) => Ok(Json(json!({"status": "ready", "models": r.models.len()}))),
+        Some(r) => Ok(r.models.len()),
     }
+}
+
+/// `GET /readyz`: see [`ready`].
+pub(super) async fn readyz(State(s): St) -> Result<Json<serde_json::Value>, ApiError> {
+    let models = ready(&s)?;
+    Ok(Json(json!({"status": "ready", "models": models})))
 }
 
 /// `GET /metrics`: the Prometheus text exposition.

@@ -7,6 +7,8 @@ mod error;
 mod extract;
 mod handlers;
 mod record;
+pub mod tensor;
+mod v2;
 pub mod wire;
 
 use std::sync::atomic::AtomicBool;
@@ -82,7 +84,38 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)
         ("GET", "/healthz", get(healthz)),
         ("GET", "/readyz", get(readyz)),
         ("GET", "/metrics", get(metrics)),
+        // The Open Inference Protocol (KServe v2).
+        ("GET", "/v2", oip(get(v2::server_metadata))),
+        ("GET", "/v2/health/live", oip(get(v2::live))),
+        ("GET", "/v2/health/ready", oip(get(v2::server_ready))),
+        ("GET", "/v2/models/{name}", oip(get(v2::model_metadata))),
+        (
+            "GET",
+            "/v2/models/{name}/versions/{version}",
+            oip(get(v2::model_metadata)),
+        ),
+        ("GET", "/v2/models/{name}/ready", oip(get(v2::model_ready))),
+        (
+            "GET",
+            "/v2/models/{name}/versions/{version}/ready",
+            oip(get(v2::model_ready)),
+        ),
+        (
+            "POST",
+            "/v2/models/{name}/infer",
+            oip(inference(Infer, v2::infer)),
+        ),
+        (
+            "POST",
+            "/v2/models/{name}/versions/{version}/infer",
+            oip(inference(Infer, v2::infer)),
+        ),
     ]
+}
+
+/// A route of the Open Inference Protocol: its errors in the protocol's shape.
+fn oip(route: MethodRouter<Arc<AppState>>) -> MethodRouter<Arc<AppState>> {
+    route.layer(axum::middleware::from_fn(v2::errors))
 }
 
 /// The service's router over [`routes`].
@@ -94,6 +127,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .fallback(handlers::fallback)
         .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(tower_http::decompression::RequestDecompressionLayer::new())
         .layer(Extension(state.clone()))
         .with_state(state)
 }

@@ -50,6 +50,8 @@ pub struct Timing {
 pub struct Served {
     body: Vec<u8>,
     content_type: &'static str,
+    /// The length of a JSON part followed by binary tensors (Open Inference Protocol).
+    inference_header: Option<usize>,
     timing: Timing,
 }
 
@@ -69,6 +71,7 @@ impl Served {
         Served {
             body,
             content_type,
+            inference_header: None,
             timing: Timing {
                 queue: out.queue_time,
                 inference: out.inference_time,
@@ -77,9 +80,28 @@ impl Served {
     }
 }
 
+impl Served {
+    /// An Open Inference Protocol answer: JSON, or (`json_length` given) a JSON part of that
+    /// length followed by binary tensors.
+    pub fn inference(out: &Outputs, body: Vec<u8>, json_length: Option<usize>) -> Served {
+        let content_type = match json_length {
+            Some(_) => "application/octet-stream",
+            None => "application/json",
+        };
+        Served {
+            inference_header: json_length,
+            ..Served::bytes(out, body, content_type)
+        }
+    }
+}
+
 impl IntoResponse for Served {
     fn into_response(self) -> Response {
         let mut r = ([(header::CONTENT_TYPE, self.content_type)], self.body).into_response();
+        if let Some(n) = self.inference_header {
+            r.headers_mut()
+                .insert(super::tensor::HEADER_LENGTH, HeaderValue::from(n));
+        }
         r.extensions_mut().insert(self.timing);
         r
     }

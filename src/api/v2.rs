@@ -1,0 +1,468 @@
+//! The Open Inference Protocol (KServe v2) over REST, on the same port as the flowserve API
+//! and through the same checks, batcher and metrics: server and model metadata, health, and
+//! inference with JSON or binary tensors.
+//!
+//! Each package is served as three v2 models, so that each has fixed inputs and outputs that
+//! its metadata can state:
+//!
+//! | v2 model | inputs | outputs |
+//! |---|---|---|
+//! | `{name}` | `x` FP32 `[-1, ...event]` | `z`, `log_prob`, and `log_prob_terms` (exact per-feature terms) and `tail_probability` (FP64) where the package has them |
+//! | `{name}.decode` | `z` FP32 `[-1, ...event]` | `x` |
+//! | `{name}.sample` | `num_samples` INT64 `[1]`; optional `temperature` FP32 `[1]`, `seed` UINT64 `[1]` | `x` |
+//!
+//! Errors are `{"error": "..."}` with the flowserve API's status codes.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use flowpack::signature::{DATA, LATENT, LOG_PROB, LOG_PROB_TERMS};
+use flowpack::Direction;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::call::{finite, Call};
+use super::error::ApiError;
+use super::extract::{explain, Body, Deadline};
+use super::handlers::{ready, scored, OUT_OF_DOMAIN};
+use super::record::Served;
+use super::tensor::{self, Data, DataType, InferHeader, Input, OutData, Output};
+use super::wire::Rows;
+use super::AppState;
+use crate::repository::Model;
+
+type St = State<Arc<AppState>>;
+
+/// The platform string of ONNX models in the protocol.
+const PLATFORM: &str = "onnx_onnxv1";
+
+/// Which of a package's graphs a v2 model name means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum View {
+    Encode,
+    Decode,
+    Sample,
+}
+
+impl View {
+    const SUFFIXES: [(&'static str, View); 2] =
+        [(".decode", View::Decode), (".sample", View::Sample)];
+}
+
+/// `{name}` and, on versioned routes, `{version}`.
+#[derive(Debug, Deserialize)]
+pub(super) struct ModelPath {
+    name: String,
+    version: Option<String>,
+}
+
+/// The package and view a v2 model name (and version, if given) means. A package's own name
+/// wins over a view of another package.
+fn resolve(call: &Call, p: &ModelPath) -> Result<(Arc<Model>, View), ApiError> {
+    let repo = call.repository()?;
+    let (base, view) = if repo.models.contains_key(&p.name) {
+        (p.name.as_str(), View::Encode)
+    } else {
+        View::SUFFIXES
+            .iter()
+            .find_map(|(s, v)| p.name.strip_suffix(s).map(|b| (b, *v)))
+            .filter(|(b, _)| repo.models.contains_key(*b))
+            .ok_or_else(|| ApiError::UnknownModel(p.name.clone()))?
+    };
+    let model = call.lookup(base)?;
+    if let Some(v) = &p.version {
+        if v.parse::<u64>().ok() != Some(model.version) {
+            return Err(ApiError::NoRoute(format!(
+                "model {:?} has no version {v:?}; version {} is served",
+                p.name, model.version
+            )));
+        }
+    }
+    Ok((model, view))
+}
+
+#[derive(Serialize)]
+struct TensorMeta {
+    name: &'static str,
+    datatype: &'static str,
+    shape: Vec<i64>,
+}
+
+fn meta(name: &'static str, datatype: DataType, shape: Vec<i64>) -> TensorMeta {
+    TensorMeta {
+        name,
+        datatype: datatype.as_str(),
+        shape,
+    }
+}
+
+/// `[-1, ...event]`.
+fn batched(model: &Model) -> Vec<i64> {
+    std::iter::once(-1)
+        .chain(model.package.manifest.event_shape.iter().map(|&d| d as i64))
+        .collect()
+}
+
+/// What `model`'s encode view can return, in order.
+fn encode_outputs(model: &Model) -> Vec<TensorMeta> {
+    let m = &model.package.manifest;
+    let mut out = vec![
+        meta(LATENT, DataType::Fp32, batched(model)),
+        meta(LOG_PROB, DataType::Fp32, vec![-1]),
+    ];
+    if m.scoring.contributions.order().is_some() {
+        out.push(meta(LOG_PROB_TERMS, DataType::Fp32, batched(model)));
+    }
+    if model.package.reference.is_some() {
+        out.push(meta(TAIL_PROBABILITY, DataType::Fp64, vec![-1]));
+    }
+    out
+}
+
+const TAIL_PROBABILITY: &str = "tail_probability";
+const NUM_SAMPLES: &str = "num_samples";
+const TEMPERATURE: &str = "temperature";
+const SEED: &str = "seed";
+
+fn signature(model: &Model, view: View) -> (Vec<TensorMeta>, Vec<TensorMeta>) {
+    match view {
+        View::Encode => (
+            vec![meta(DATA, DataType::Fp32, batched(model))],
+            encode_outputs(model),
+        ),
+        View::Decode => (
+            vec![meta(LATENT, DataType::Fp32, batched(model))],
+            vec![meta(DATA, DataType::Fp32, batched(model))],
+        ),
+        View::Sample => (
+            vec![
+                meta(NUM_SAMPLES, DataType::Int64, vec![1]),
+                meta(TEMPERATURE, DataType::Fp32, vec![1]),
+                meta(SEED, DataType::Uint64, vec![1]),
+            ],
+            vec![meta(DATA, DataType::Fp32, batched(model))],
+        ),
+    }
+}
+
+/// Every response of a v2 route that failed gets the protocol's error body,
+/// `{"error": "..."}`, with the status (and `Retry-After`) the flowserve API would give.
+pub(super) async fn errors(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let Some(e) = res.extensions().get::<ApiError>().cloned() else {
+        return res;
+    };
+    let retry = res.headers().get(header::RETRY_AFTER).cloned();
+    let mut r = (e.status(), Json(json!({ "error": e.to_string() }))).into_response();
+    if let Some(v) = retry {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r.extensions_mut().insert(e);
+    r
+}
+
+/// `GET /v2`: the server's name, version and protocol extensions.
+pub(super) async fn server_metadata() -> Json<serde_json::Value> {
+    Json(json!({
+        "name": "flowserve",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data"],
+    }))
+}
+
+/// `GET /v2/health/live`.
+pub(super) async fn live() -> Json<serde_json::Value> {
+    Json(json!({"live": true}))
+}
+
+/// `GET /v2/health/ready`: what `/readyz` says (503 while loading, draining, or with no
+/// model).
+pub(super) async fn server_ready(State(s): St) -> Result<Json<serde_json::Value>, ApiError> {
+    ready(&s)?;
+    Ok(Json(json!({"ready": true})))
+}
+
+/// `GET /v2/models/{name}[/versions/{version}]`.
+pub(super) async fn model_metadata(
+    call: Call,
+    Path(p): Path<ModelPath>,
+) -> Result<Response, ApiError> {
+    let (model, view) = resolve(&call, &p)?;
+    let (inputs, outputs) = signature(&model, view);
+    Ok(Json(json!({
+        "name": p.name,
+        "versions": [model.version.to_string()],
+        "platform": PLATFORM,
+        "inputs": inputs,
+        "outputs": outputs,
+    }))
+    .into_response())
+}
+
+/// `GET /v2/models/{name}[/versions/{version}]/ready`: a served model is loaded, checked
+/// and warmed; it answers 503 while the server drains.
+pub(super) async fn model_ready(
+    State(s): St,
+    call: Call,
+    Path(p): Path<ModelPath>,
+) -> Result<Response, ApiError> {
+    resolve(&call, &p)?;
+    ready(&s)?;
+    Ok(Json(json!({"name": p.name, "ready": true})).into_response())
+}
+
+/// `POST /v2/models/{name}[/versions/{version}]/infer`.
+pub(super) async fn infer(
+    call: Call,
+    d: Deadline,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Served, ApiError> {
+    let (model, view) = resolve(&call, &p)?;
+    let length = headers
+        .get(tensor::HEADER_LENGTH)
+        .map(|v| v.to_str().unwrap_or("?"));
+    let (json_part, binary) = tensor::split_body(&body, length)?;
+    if json_part.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::Malformed(
+            "the body is empty; send an inference request".into(),
+        ));
+    }
+    let mut req: InferHeader =
+        serde_json::from_slice(json_part).map_err(|_| explain::<InferHeader>(json_part))?;
+    let inputs = tensor::decode_inputs(&mut req, binary)?;
+    let (expected, available) = signature(&model, view);
+    for i in &inputs {
+        if !expected.iter().any(|e| e.name == i.name) {
+            let names: Vec<&str> = expected.iter().map(|e| e.name).collect();
+            return Err(ApiError::Malformed(format!(
+                "unknown input {:?}; {} takes {}",
+                i.name,
+                p.name,
+                names.join(", ")
+            )));
+        }
+    }
+    let wanted: Vec<&'static str> = match &req.outputs {
+        None => available.iter().map(|o| o.name).collect(),
+        Some(list) => list
+            .iter()
+            .map(|o| {
+                available
+                    .iter()
+                    .find(|a| a.name == o.name)
+                    .map(|a| a.name)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = available.iter().map(|a| a.name).collect();
+                        ApiError::Malformed(format!(
+                            "unknown output {:?}; {} has {}",
+                            o.name,
+                            p.name,
+                            names.join(", ")
+                        ))
+                    })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let binary = |name: &str| tensor::wants_binary(&req, name);
+    let event = &model.package.manifest.event_shape;
+    let rows_shape =
+        |n: usize| -> Vec<usize> { std::iter::once(n).chain(event.iter().copied()).collect() };
+    match view {
+        View::Encode => {
+            let x = rows(take(inputs, DATA, &p.name)?, event)?;
+            let n = x.count;
+            let (out, tails) = scored(&call, d, &model, DATA, x).await?;
+            let mut outputs = Vec::with_capacity(wanted.len());
+            for name in wanted {
+                let data = match name {
+                    LATENT => {
+                        finite(&out.values[0], model.event_size, DATA, OUT_OF_DOMAIN)?;
+                        OutData::F32(&out.values[0])
+                    }
+                    LOG_PROB => OutData::F32(&out.values[1]),
+                    LOG_PROB_TERMS => {
+                        finite(&out.values[2], model.event_size, DATA, OUT_OF_DOMAIN)?;
+                        OutData::F32(&out.values[2])
+                    }
+                    _ => OutData::F64(tails.clone().expect("listed only with a reference set")),
+                };
+                let shape = match name {
+                    LATENT | LOG_PROB_TERMS => rows_shape(n),
+                    _ => vec![n],
+                };
+                outputs.push(Output {
+                    name,
+                    shape,
+                    data,
+                    binary: binary(name),
+                });
+            }
+            let (body, json_length) =
+                tensor::encode_response(&p.name, model.version, req.id.as_deref(), &outputs, None);
+            Ok(Served::inference(&out, body, json_length))
+        }
+        View::Decode => {
+            let z = rows(take(inputs, LATENT, &p.name)?, event)?;
+            let n = z.count;
+            let out = call.run(&model, Direction::Decode, LATENT, z, d.0).await?;
+            let why = "the decoded sample overflowed float32: the latent lies too far out";
+            finite(&out.values[0], model.event_size, LATENT, why)?;
+            let outputs = [Output {
+                name: DATA,
+                shape: rows_shape(n),
+                data: OutData::F32(&out.values[0]),
+                binary: binary(DATA),
+            }];
+            let (body, json_length) =
+                tensor::encode_response(&p.name, model.version, req.id.as_deref(), &outputs, None);
+            Ok(Served::inference(&out, body, json_length))
+        }
+        View::Sample => {
+            let mut inputs = inputs;
+            let n = scalar_int(&mut inputs, NUM_SAMPLES)?.ok_or_else(|| {
+                ApiError::Malformed(format!("{} needs input {NUM_SAMPLES:?}", p.name))
+            })?;
+            let limit = call.config().max_samples_per_request.min(call.max_rows());
+            if n < 1 || n > limit as i128 {
+                return Err(ApiError::Invalid(format!(
+                    "input {NUM_SAMPLES:?} must be between 1 and {limit}, got {n}"
+                )));
+            }
+            let t = match take_optional(&mut inputs, TEMPERATURE) {
+                None => 1.0,
+                Some(i) => scalar_float(i)?,
+            };
+            if !(t.is_finite() && t >= 0.0) {
+                return Err(ApiError::Invalid(format!(
+                    "input {TEMPERATURE:?} must be a finite number ≥ 0, got {t}"
+                )));
+            }
+            let seed = match scalar_int(&mut inputs, SEED)? {
+                None => rand::random(),
+                Some(s) => u64::try_from(s).map_err(|_| {
+                    ApiError::Invalid(format!("input {SEED:?} must be a UINT64, got {s}"))
+                })?,
+            };
+            let n = n as usize;
+            let z = flowpack::sampling::latent_noise(n, model.event_size, t, seed);
+            if z.iter().any(|v| !v.is_finite()) {
+                return Err(ApiError::Invalid(format!(
+                    "input {TEMPERATURE:?}: {t:?} makes the latent noise overflow float32; lower it"
+                )));
+            }
+            let out = call.submit(&model, Direction::Decode, z, d.0).await?;
+            let why =
+                format!("the decoded sample overflowed float32 at temperature {t:?}; lower it");
+            finite(&out.values[0], model.event_size, DATA, &why)?;
+            let outputs = [Output {
+                name: DATA,
+                shape: rows_shape(n),
+                data: OutData::F32(&out.values[0]),
+                binary: binary(DATA),
+            }];
+            let drawn = json!({"seed": seed, "temperature": t});
+            let (body, json_length) = tensor::encode_response(
+                &p.name,
+                model.version,
+                req.id.as_deref(),
+                &outputs,
+                Some(drawn),
+            );
+            Ok(Served::inference(&out, body, json_length))
+        }
+    }
+}
+
+/// The one input a view takes, by name.
+fn take(inputs: Vec<Input>, name: &str, model: &str) -> Result<Input, ApiError> {
+    let n = inputs.len();
+    let mut it = inputs.into_iter();
+    match (it.next(), n) {
+        (Some(i), 1) if i.name == name => Ok(i),
+        _ => Err(ApiError::Malformed(format!(
+            "{model} takes one input, {name:?}; got {n}"
+        ))),
+    }
+}
+
+fn take_optional(inputs: &mut Vec<Input>, name: &str) -> Option<Input> {
+    let i = inputs.iter().position(|i| i.name == name)?;
+    Some(inputs.swap_remove(i))
+}
+
+/// An FP32 `[N, ...event]` input as rows for the batcher (whose checks name it).
+fn rows(input: Input, event: &[usize]) -> Result<Rows, ApiError> {
+    let name = &input.name;
+    if input.datatype != DataType::Fp32 {
+        return Err(ApiError::Malformed(format!(
+            "input {name:?}: datatype {}; the model takes FP32",
+            input.datatype.as_str()
+        )));
+    }
+    if input.shape.len() != event.len() + 1 {
+        return Err(ApiError::Malformed(format!(
+            "input {name:?}: shape {:?}; the model takes [N, {}]",
+            input.shape,
+            event
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let Data::F32(values) = input.data else {
+        unreachable!("FP32 inputs decode to F32")
+    };
+    Ok(Rows {
+        values,
+        count: input.shape[0],
+        row_shape: input.shape[1..].to_vec(),
+    })
+}
+
+/// A one-element integer input, if sent.
+fn scalar_int(inputs: &mut Vec<Input>, name: &str) -> Result<Option<i128>, ApiError> {
+    let Some(i) = take_optional(inputs, name) else {
+        return Ok(None);
+    };
+    match i.data {
+        Data::Int(v) if v.len() == 1 => Ok(Some(v[0])),
+        Data::Int(v) => Err(ApiError::Malformed(format!(
+            "input {name:?}: one element expected, got {}",
+            v.len()
+        ))),
+        _ => Err(ApiError::Malformed(format!(
+            "input {name:?}: datatype {}; send an integer type (INT64, UINT64, ...)",
+            i.datatype.as_str()
+        ))),
+    }
+}
+
+/// A one-element float input.
+fn scalar_float(i: Input) -> Result<f64, ApiError> {
+    let v: Vec<f64> = match i.data {
+        Data::F32(v) => v.into_iter().map(f64::from).collect(),
+        Data::F64(v) => v,
+        Data::Int(_) => {
+            return Err(ApiError::Malformed(format!(
+                "input {:?}: datatype {}; send FP32 or FP64",
+                i.name,
+                i.datatype.as_str()
+            )))
+        }
+    };
+    match v[..] {
+        [x] => Ok(x),
+        _ => Err(ApiError::Malformed(format!(
+            "input {:?}: one element expected, got {}",
+            i.name,
+            v.len()
+        ))),
+    }
+}

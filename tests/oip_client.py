@@ -1,0 +1,92 @@
+"""The real Open Inference Protocol client against a running flowserve (tests/oip.rs runs it).
+
+Usage: oip_client.py HOST:PORT CASES.json
+
+For every case (a bundled model, rows, and what its graphs compute for them) it checks,
+with tritonclient.http: server and model liveness, readiness and metadata; inference with
+binary tensors (the client's default) and with JSON tensors, each output equal to the graphs
+within 1e-5; the decode view; and that bad tensors (wrong datatype, wrong shape, an unknown
+input) get protocol errors while the server keeps serving. Exits non-zero on the first
+failure.
+"""
+
+import json
+import sys
+
+import numpy as np
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+
+def close(got, want, what):
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} vs {want.shape}"
+    bad = np.abs(got - want) > 1e-5 * (1 + np.abs(want))
+    assert not bad.any(), f"{what}: {got[bad][:5]} vs {want[bad][:5]}"
+
+
+def infer(client, model, name, array, binary, outputs=None):
+    inp = httpclient.InferInput(name, list(array.shape), "FP32" if array.dtype == np.float32 else "FP64")
+    inp.set_data_from_numpy(array, binary_data=binary)
+    wanted = None
+    if outputs is not None:
+        wanted = [httpclient.InferRequestedOutput(o, binary_data=binary) for o in outputs]
+    return client.infer(model, [inp], outputs=wanted)
+
+
+def expect_error(what, fn, needle):
+    try:
+        fn()
+    except InferenceServerException as e:
+        assert needle in str(e), f"{what}: {e} lacks {needle!r}"
+        return
+    raise AssertionError(f"{what}: no error")
+
+
+def main():
+    host, path = sys.argv[1], sys.argv[2]
+    with open(path) as f:
+        cases = json.load(f)
+    client = httpclient.InferenceServerClient(url=host)
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert "binary_tensor_data" in meta["extensions"], meta
+    for case in cases:
+        model, shape = case["model"], case["shape"]
+        x = np.asarray(case["x"], dtype=np.float32).reshape(shape)
+        assert client.is_model_ready(model), model
+        md = client.get_model_metadata(model)
+        assert md["inputs"][0]["name"] == "x" and md["inputs"][0]["shape"][0] == -1, md
+        expected = case["expected"]
+        for binary in (True, False):
+            how = "binary" if binary else "JSON"
+            # No outputs named: the client asks for them all (as binary by default).
+            result = infer(client, model, "x", x, binary,
+                           None if binary else list(expected) + ["tail_probability"])
+            for name, want in expected.items():
+                got = result.as_numpy(name)
+                assert got is not None, f"{model} {how}: no output {name}"
+                close(got.reshape(-1), want, f"{model} {how} {name}")
+            tails = result.as_numpy("tail_probability")
+            assert tails is not None and tails.dtype == np.float64, f"{model}: tail_probability"
+            assert ((tails > 0) & (tails <= 1)).all(), tails
+        z = np.asarray(expected["z"], dtype=np.float32).reshape(shape)
+        dec = infer(client, model + ".decode", "z", z, True)
+        close(dec.as_numpy("x").reshape(-1), case["decoded"], f"{model} decode")
+
+    # Bad tensors: protocol errors, and the server keeps serving.
+    case = cases[0]
+    model, shape = case["model"], case["shape"]
+    x = np.asarray(case["x"], dtype=np.float32).reshape(shape)
+    expect_error("FP64", lambda: infer(client, model, "x", x.astype(np.float64), True), "datatype FP64")
+    wrong = np.zeros((2, case["features"] + 1), dtype=np.float32)
+    expect_error("shape", lambda: infer(client, model, "x", wrong, True), "the model takes [N")
+    expect_error("unknown input", lambda: infer(client, model, "q", x, True), 'unknown input "q"')
+    expect_error("unknown model", lambda: infer(client, "no_such_model", "x", x, True), "no_such_model")
+    again = infer(client, model, "x", x, True)
+    close(again.as_numpy("log_prob"), case["expected"]["log_prob"], "after the errors")
+    print("tritonclient: all checks passed")
+
+
+if __name__ == "__main__":
+    main()
