@@ -32,6 +32,9 @@ pub struct Config {
     /// Port to bind.
     #[arg(long, env = "FLOWSERVE_PORT", default_value_t = 8080)]
     pub port: u16,
+    /// Port of the Open Inference Protocol's gRPC API (off unless set).
+    #[arg(long, env = "FLOWSERVE_GRPC_PORT")]
+    pub grpc_port: Option<u16>,
     /// Model used when a request names none (default: the only model, if there is one).
     #[arg(long, env = "FLOWSERVE_DEFAULT_MODEL")]
     pub default_model: Option<String>,

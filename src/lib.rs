@@ -17,6 +17,7 @@ pub mod batch;
 pub mod batcher;
 pub mod config;
 pub mod engine;
+pub mod grpc;
 pub mod metrics;
 pub mod repository;
 pub mod scoring;
@@ -35,7 +36,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::repository::LoadOptions;
 
-async fn shutdown_signal(state: Arc<AppState>) {
+async fn shutdown_signal(state: Arc<AppState>, closing: tokio::sync::watch::Sender<bool>) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -56,6 +57,7 @@ async fn shutdown_signal(state: Arc<AppState>) {
     let limit = Duration::from_millis(state.config.shutdown_timeout_ms);
     tracing::info!(in_flight = state.metrics.in_flight.get(), "shutting down: /readyz now 503; serving {delay:?} more, then draining in-flight requests (at most {limit:?})");
     tokio::time::sleep(delay).await;
+    let _ = closing.send(true);
     tokio::spawn(async move {
         tokio::time::sleep(limit).await;
         let left = state.metrics.in_flight.get();
@@ -116,11 +118,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
+    // Both listeners close together, after the drain delay.
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    let grpc = match state.config.grpc_port {
+        None => None,
+        Some(port) => {
+            let addr: SocketAddr = format!("{}:{port}", state.config.host)
+                .parse()
+                .with_context(|| format!("--host {} --grpc-port {port}", state.config.host))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for gRPC"))?;
+            tracing::info!(addr = %listener.local_addr()?, "gRPC (Open Inference Protocol) listening");
+            let mut closed = closed.clone();
+            let shutdown = async move {
+                let _ = closed.wait_for(|&c| c).await;
+            };
+            Some(tokio::spawn(grpc::serve(state.clone(), listener, shutdown)))
+        }
+    };
     let app = api::router(state.clone());
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal(state.clone()))
+        .with_graceful_shutdown(shutdown_signal(state.clone(), closing))
         .await
         .context("server error")?;
+    if let Some(g) = grpc {
+        g.await
+            .context("gRPC server task")?
+            .context("gRPC server error")?;
+    }
     if let Some(repo) = state.repo.get() {
         let limit = Duration::from_millis(state.config.shutdown_timeout_ms);
         repo.shutdown(limit).await;

@@ -469,10 +469,11 @@ fn python() -> std::path::PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tritonclient_gets_the_graphs_results_over_http_json_and_binary() {
+async fn tritonclient_gets_the_graphs_results_over_http_and_grpc() {
     let python = python();
     let repo = bundled_models();
-    let server = Server::start(&repo, &[]);
+    let grpc_port = free_port().to_string();
+    let server = Server::start(&repo, &["--grpc-port", &grpc_port]);
     server.ready().await;
     // The cases: rows of each bundled model and what its graphs compute for them.
     let mut cases = Vec::new();
@@ -506,6 +507,7 @@ async fn tritonclient_gets_the_graphs_results_over_http_json_and_binary() {
             .arg(script)
             .arg(&host)
             .arg(&file)
+            .arg(format!("127.0.0.1:{grpc_port}"))
             .output()
             .unwrap()
     })

@@ -1,19 +1,22 @@
 """The real Open Inference Protocol client against a running flowserve (tests/oip.rs runs it).
 
-Usage: oip_client.py HOST:PORT CASES.json
+Usage: oip_client.py HOST:PORT CASES.json [HOST:GRPC_PORT]
 
 For every case (a bundled model, rows, and what its graphs compute for them) it checks,
 with tritonclient.http: server and model liveness, readiness and metadata; inference with
 binary tensors (the client's default) and with JSON tensors, each output equal to the graphs
 within 1e-5; the decode view; and that bad tensors (wrong datatype, wrong shape, an unknown
-input) get protocol errors while the server keeps serving. Exits non-zero on the first
-failure.
+input) get protocol errors while the server keeps serving. With a gRPC address it checks the
+same over tritonclient.grpc (raw tensors both ways), and gRPC health and reflection. Exits
+non-zero on the first failure.
 """
 
 import json
 import sys
 
+import grpc
 import numpy as np
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -25,13 +28,60 @@ def close(got, want, what):
     assert not bad.any(), f"{what}: {got[bad][:5]} vs {want[bad][:5]}"
 
 
+def datatype(array):
+    return "FP32" if array.dtype == np.float32 else "FP64"
+
+
 def infer(client, model, name, array, binary, outputs=None):
-    inp = httpclient.InferInput(name, list(array.shape), "FP32" if array.dtype == np.float32 else "FP64")
+    inp = httpclient.InferInput(name, list(array.shape), datatype(array))
     inp.set_data_from_numpy(array, binary_data=binary)
     wanted = None
     if outputs is not None:
         wanted = [httpclient.InferRequestedOutput(o, binary_data=binary) for o in outputs]
     return client.infer(model, [inp], outputs=wanted)
+
+
+def infer_grpc(client, model, name, array):
+    inp = grpcclient.InferInput(name, list(array.shape), datatype(array))
+    inp.set_data_from_numpy(array)
+    return client.infer(model, [inp])
+
+
+def check_grpc(address, cases):
+    client = grpcclient.InferenceServerClient(url=address)
+    assert client.is_server_live() and client.is_server_ready()
+    for case in cases:
+        model, shape = case["model"], case["shape"]
+        assert client.is_model_ready(model), model
+        md = client.get_model_metadata(model)
+        assert md.platform == "onnx_onnxv1" and md.inputs[0].name == "x", md
+        assert list(md.inputs[0].shape)[0] == -1, md
+        x = np.asarray(case["x"], dtype=np.float32).reshape(shape)
+        result = infer_grpc(client, model, "x", x)
+        for name, want in case["expected"].items():
+            close(result.as_numpy(name).reshape(-1), want, f"{model} gRPC {name}")
+        z = np.asarray(case["expected"]["z"], dtype=np.float32).reshape(shape)
+        dec = infer_grpc(client, model + ".decode", "z", z)
+        close(dec.as_numpy("x").reshape(-1), case["decoded"], f"{model} gRPC decode")
+    case = cases[0]
+    x = np.asarray(case["x"], dtype=np.float32).reshape(case["shape"])
+    expect_error("gRPC FP64", lambda: infer_grpc(client, case["model"], "x", x.astype(np.float64)),
+                 "datatype FP64")
+    expect_error("gRPC unknown input", lambda: infer_grpc(client, case["model"], "q", x),
+                 'unknown input "q"')
+    expect_error("gRPC unknown model", lambda: infer_grpc(client, "no_such_model", "x", x),
+                 "no_such_model")
+    again = infer_grpc(client, case["model"], "x", x)
+    close(again.as_numpy("log_prob"), case["expected"]["log_prob"], "gRPC after the errors")
+
+    # Health (grpc.health.v1) and reflection, as raw protobuf bytes: an empty
+    # HealthCheckRequest answers status SERVING (field 1 = 1); listing services names ours.
+    channel = grpc.insecure_channel(address)
+    check = channel.unary_unary("/grpc.health.v1.Health/Check")
+    assert check(b"") == b"\x08\x01", "health: SERVING"
+    reflect = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
+    listing = b"".join(reflect(iter([b"\x3a\x00"])))
+    assert b"inference.GRPCInferenceService" in listing, listing
 
 
 def expect_error(what, fn, needle):
@@ -85,6 +135,8 @@ def main():
     expect_error("unknown model", lambda: infer(client, "no_such_model", "x", x, True), "no_such_model")
     again = infer(client, model, "x", x, True)
     close(again.as_numpy("log_prob"), case["expected"]["log_prob"], "after the errors")
+    if len(sys.argv) > 3:
+        check_grpc(sys.argv[3], cases)
     print("tritonclient: all checks passed")
 
 

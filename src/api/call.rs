@@ -50,6 +50,15 @@ impl FromRequestParts<Arc<AppState>> for Call {
 }
 
 impl Call {
+    /// A call outside HTTP (gRPC) that reports to `scope`.
+    pub fn detached(state: Arc<AppState>, scope: Arc<Scope>) -> Call {
+        Call {
+            state,
+            named: None,
+            scope,
+        }
+    }
+
     /// The server's settings.
     pub fn config(&self) -> &crate::config::Config {
         &self.state.config

@@ -375,7 +375,7 @@ pub(super) async fn healthz() -> Json<serde_json::Value> {
 
 /// The number of models served, when the server is ready: every model loaded, checked and
 /// warmed, at least one of them, and not draining.
-pub(super) fn ready(s: &AppState) -> Result<usize, ApiError> {
+pub(crate) fn ready(s: &AppState) -> Result<usize, ApiError> {
     if s.draining.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable(
             "draining: the server is shutting down".into(),

@@ -2,13 +2,13 @@
 //! [`extract`] (body, deadline) → [`handlers`] (model, checks) → the batcher → a response
 //! that the [`record`] layer measures.
 
-mod call;
+pub(crate) mod call;
 mod error;
 mod extract;
-mod handlers;
-mod record;
+pub(crate) mod handlers;
+pub(crate) mod record;
 pub mod tensor;
-mod v2;
+pub(crate) mod v2;
 pub mod wire;
 
 use std::sync::atomic::AtomicBool;

@@ -107,16 +107,49 @@ impl IntoResponse for Served {
     }
 }
 
-struct InFlight<'a>(&'a prometheus::IntGauge);
+fn micros(d: Duration) -> HeaderValue {
+    HeaderValue::from(d.as_micros() as u64)
+}
 
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
+/// Counts one finished request of `endpoint` (HTTP or gRPC): requests, rows, latency and
+/// rejections by model, or by endpoint alone when it failed before naming a model.
+pub fn observe(
+    app: &AppState,
+    endpoint: Endpoint,
+    scope: &Scope,
+    took: Duration,
+    error: Option<&ApiError>,
+) {
+    let rows = scope.rows.load(Ordering::Relaxed);
+    match (scope.model.get(), error) {
+        (Some(m), None) => m.metrics.served(endpoint, rows, took),
+        (Some(m), Some(e)) => {
+            m.metrics
+                .failed(endpoint, e.status().as_str(), rows, took, e.rejection())
+        }
+        (None, Some(e)) => {
+            app.metrics
+                .failed_unresolved(endpoint, e.status().as_str(), e.rejection())
+        }
+        (None, None) => {}
     }
 }
 
-fn micros(d: Duration) -> HeaderValue {
-    HeaderValue::from(d.as_micros() as u64)
+/// Holds the in-flight gauge up while a request runs.
+pub struct InFlightGuard<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlightGuard<'a> {
+    /// Counts a request in flight until dropped.
+    pub fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        InFlightGuard(gauge)
+    }
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The middleware of one inference endpoint (its state): requests, rows, latency and
@@ -130,23 +163,15 @@ pub async fn record(
     let started = Instant::now();
     let scope = Arc::new(Scope::default());
     req.extensions_mut().insert(scope.clone());
-    app.metrics.in_flight.inc();
-    let _in_flight = InFlight(&app.metrics.in_flight);
+    let _in_flight = InFlightGuard::new(&app.metrics.in_flight);
     let mut res = next.run(req).await;
-    let took = started.elapsed();
-    let rows = scope.rows.load(Ordering::Relaxed);
-    match (scope.model.get(), res.extensions().get::<ApiError>()) {
-        (Some(m), None) => m.metrics.served(endpoint, rows, took),
-        (Some(m), Some(e)) => {
-            m.metrics
-                .failed(endpoint, e.status().as_str(), rows, took, e.rejection())
-        }
-        (None, Some(e)) => {
-            app.metrics
-                .failed_unresolved(endpoint, e.status().as_str(), e.rejection())
-        }
-        (None, None) => {}
-    }
+    observe(
+        &app,
+        endpoint,
+        &scope,
+        started.elapsed(),
+        res.extensions().get::<ApiError>(),
+    );
     let timing = res.extensions().get::<Timing>().copied();
     let h = res.headers_mut();
     if let Some(t) = timing {

@@ -182,7 +182,8 @@ impl DataType {
         }
     }
 
-    fn size(self) -> usize {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
         match self {
             DataType::Fp32 | DataType::Int32 | DataType::Uint32 => 4,
             DataType::Fp64 | DataType::Int64 | DataType::Uint64 => 8,
@@ -285,19 +286,12 @@ pub fn decode_inputs(header: &mut InferHeader, binary: &[u8]) -> Result<Vec<Inpu
                 from_numbers(&numbers.0, datatype).map_err(bad)?
             }
         };
-        if let Data::F32(v) = &data {
-            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                return Err(ApiError::Invalid(format!(
-                    "input {name:?}: element {i} is not a finite number"
-                )));
-            }
-        }
-        out.push(Input {
+        out.push(checked(Input {
             name: input.name.clone(),
             shape,
             datatype,
             data,
-        });
+        })?);
     }
     if offset != binary.len() {
         return Err(ApiError::Malformed(format!(
@@ -308,7 +302,36 @@ pub fn decode_inputs(header: &mut InferHeader, binary: &[u8]) -> Result<Vec<Inpu
     Ok(out)
 }
 
-fn from_bytes(b: &[u8], t: DataType) -> Data {
+/// `input` if its element count matches its shape and its floats are finite (422 if not).
+pub fn checked(input: Input) -> Result<Input, ApiError> {
+    let name = &input.name;
+    let count: Option<usize> = input
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d));
+    let len = match &input.data {
+        Data::F32(v) => v.len(),
+        Data::F64(v) => v.len(),
+        Data::Int(v) => v.len(),
+    };
+    if count != Some(len) {
+        return Err(ApiError::Malformed(format!(
+            "input {name:?}: shape {:?} does not hold the {len} elements sent",
+            input.shape
+        )));
+    }
+    if let Data::F32(v) = &input.data {
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(ApiError::Invalid(format!(
+                "input {name:?}: element {i} is not a finite number"
+            )));
+        }
+    }
+    Ok(input)
+}
+
+/// Little-endian bytes of `t` as values; `b`'s length is a whole number of elements.
+pub fn from_bytes(b: &[u8], t: DataType) -> Data {
     fn chunks<const N: usize>(b: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
         b.chunks_exact(N)
             .map(|c| c.try_into().expect("exact chunk"))
@@ -397,7 +420,7 @@ pub enum OutData<'a> {
     /// float32, borrowed from the engine's outputs.
     F32(&'a [f32]),
     /// float64.
-    F64(Vec<f64>),
+    F64(&'a [f64]),
 }
 
 /// One output of a response.

@@ -33,7 +33,9 @@ use super::record::Served;
 use super::tensor::{self, Data, DataType, InferHeader, Input, OutData, Output};
 use super::wire::Rows;
 use super::AppState;
+use crate::batcher::Outputs;
 use crate::repository::Model;
+use tokio::time::Instant;
 
 type St = State<Arc<AppState>>;
 
@@ -85,11 +87,60 @@ fn resolve(call: &Call, p: &ModelPath) -> Result<(Arc<Model>, View), ApiError> {
     Ok((model, view))
 }
 
+/// A tensor of a v2 model's signature.
 #[derive(Serialize)]
-struct TensorMeta {
-    name: &'static str,
-    datatype: &'static str,
-    shape: Vec<i64>,
+pub(crate) struct TensorMeta {
+    /// Its name.
+    pub name: &'static str,
+    /// Its element type.
+    pub datatype: &'static str,
+    /// Its shape, -1 for the batch dimension.
+    pub shape: Vec<i64>,
+}
+
+/// A v2 model's metadata.
+#[derive(Serialize)]
+pub(crate) struct Metadata {
+    /// The v2 model name.
+    pub name: String,
+    /// The served version.
+    pub versions: Vec<String>,
+    /// `onnx_onnxv1`.
+    pub platform: &'static str,
+    /// What it takes.
+    pub inputs: Vec<TensorMeta>,
+    /// What it returns.
+    pub outputs: Vec<TensorMeta>,
+}
+
+/// The metadata of v2 model `name` (at `version`, if given).
+pub(crate) fn describe(
+    call: &Call,
+    name: String,
+    version: Option<String>,
+) -> Result<Metadata, ApiError> {
+    let p = ModelPath { name, version };
+    let (model, view) = resolve(call, &p)?;
+    let (inputs, outputs) = signature(&model, view);
+    Ok(Metadata {
+        name: p.name,
+        versions: vec![model.version.to_string()],
+        platform: PLATFORM,
+        inputs,
+        outputs,
+    })
+}
+
+/// Whether v2 model `name` (at `version`, if given) is served and the server ready.
+pub(crate) fn model_is_ready(
+    call: &Call,
+    state: &AppState,
+    name: String,
+    version: Option<String>,
+) -> Result<(), ApiError> {
+    resolve(call, &ModelPath { name, version })?;
+    ready(state)?;
+    Ok(())
 }
 
 fn meta(name: &'static str, datatype: DataType, shape: Vec<i64>) -> TensorMeta {
@@ -165,12 +216,17 @@ pub(super) async fn errors(req: Request, next: Next) -> Response {
     r
 }
 
+/// The server's name in the protocol's metadata.
+pub(crate) const SERVER_NAME: &str = "flowserve";
+/// The protocol extensions the REST API supports.
+pub(crate) const EXTENSIONS: [&str; 1] = ["binary_tensor_data"];
+
 /// `GET /v2`: the server's name, version and protocol extensions.
 pub(super) async fn server_metadata() -> Json<serde_json::Value> {
     Json(json!({
-        "name": "flowserve",
+        "name": SERVER_NAME,
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data"],
+        "extensions": EXTENSIONS,
     }))
 }
 
@@ -191,16 +247,7 @@ pub(super) async fn model_metadata(
     call: Call,
     Path(p): Path<ModelPath>,
 ) -> Result<Response, ApiError> {
-    let (model, view) = resolve(&call, &p)?;
-    let (inputs, outputs) = signature(&model, view);
-    Ok(Json(json!({
-        "name": p.name,
-        "versions": [model.version.to_string()],
-        "platform": PLATFORM,
-        "inputs": inputs,
-        "outputs": outputs,
-    }))
-    .into_response())
+    Ok(Json(describe(&call, p.name, p.version)?).into_response())
 }
 
 /// `GET /v2/models/{name}[/versions/{version}]/ready`: a served model is loaded, checked
@@ -210,32 +257,70 @@ pub(super) async fn model_ready(
     call: Call,
     Path(p): Path<ModelPath>,
 ) -> Result<Response, ApiError> {
-    resolve(&call, &p)?;
-    ready(&s)?;
+    model_is_ready(&call, &s, p.name.clone(), p.version)?;
     Ok(Json(json!({"name": p.name, "ready": true})).into_response())
 }
 
-/// `POST /v2/models/{name}[/versions/{version}]/infer`.
-pub(super) async fn infer(
-    call: Call,
-    d: Deadline,
-    Path(p): Path<ModelPath>,
-    headers: HeaderMap,
-    Body(body): Body,
-) -> Result<Served, ApiError> {
-    let (model, view) = resolve(&call, &p)?;
-    let length = headers
-        .get(tensor::HEADER_LENGTH)
-        .map(|v| v.to_str().unwrap_or("?"));
-    let (json_part, binary) = tensor::split_body(&body, length)?;
-    if json_part.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::Malformed(
-            "the body is empty; send an inference request".into(),
-        ));
+/// A v2 inference request, decoded from whichever transport carried it.
+pub(crate) struct InferCall {
+    /// The v2 model name (`{name}`, `{name}.decode` or `{name}.sample`).
+    pub model: String,
+    /// The version asked for, if any.
+    pub version: Option<String>,
+    /// The decoded inputs.
+    pub inputs: Vec<Input>,
+    /// The outputs asked for, by name (all when `None`).
+    pub outputs: Option<Vec<String>>,
+}
+
+/// Where an output's values are.
+enum Source {
+    /// Output `i` of the graph run.
+    Graph(usize),
+    /// The tail probabilities.
+    Tails,
+}
+
+/// A v2 inference answer: the graph run's outputs, kept where they are, and which of them
+/// the client gets, in order, with their shapes.
+pub(crate) struct Answer {
+    /// The v2 model name answered for.
+    pub model: String,
+    /// Its version.
+    pub version: u64,
+    /// The graph run (values and timing).
+    pub run: Outputs,
+    tails: Option<Vec<f64>>,
+    outputs: Vec<(&'static str, Vec<usize>, Source)>,
+    /// Response parameters (`.sample`: the seed and temperature).
+    pub parameters: Option<serde_json::Value>,
+}
+
+impl Answer {
+    /// The outputs, in the order asked for: name, shape and values.
+    pub fn outputs(&self) -> impl Iterator<Item = (&'static str, &[usize], OutData<'_>)> {
+        self.outputs.iter().map(|(name, shape, src)| {
+            let data = match src {
+                Source::Graph(i) => OutData::F32(&self.run.values[*i]),
+                Source::Tails => OutData::F64(self.tails.as_deref().expect("listed with tails")),
+            };
+            (*name, shape.as_slice(), data)
+        })
     }
-    let mut req: InferHeader =
-        serde_json::from_slice(json_part).map_err(|_| explain::<InferHeader>(json_part))?;
-    let inputs = tensor::decode_inputs(&mut req, binary)?;
+}
+
+/// Runs a v2 inference request through the same checks and queues as the flowserve API.
+pub(crate) async fn run(
+    call: &Call,
+    deadline: Instant,
+    req: InferCall,
+) -> Result<Answer, ApiError> {
+    let p = ModelPath {
+        name: req.model,
+        version: req.version,
+    };
+    let (model, view) = resolve(call, &p)?;
+    let inputs = req.inputs;
     let (expected, available) = signature(&model, view);
     for i in &inputs {
         if !expected.iter().any(|e| e.name == i.name) {
@@ -255,13 +340,12 @@ pub(super) async fn infer(
             .map(|o| {
                 available
                     .iter()
-                    .find(|a| a.name == o.name)
+                    .find(|a| a.name == o)
                     .map(|a| a.name)
                     .ok_or_else(|| {
                         let names: Vec<&str> = available.iter().map(|a| a.name).collect();
                         ApiError::Malformed(format!(
-                            "unknown output {:?}; {} has {}",
-                            o.name,
+                            "unknown output {o:?}; {} has {}",
                             p.name,
                             names.join(", ")
                         ))
@@ -269,59 +353,54 @@ pub(super) async fn infer(
             })
             .collect::<Result<_, _>>()?,
     };
-    let binary = |name: &str| tensor::wants_binary(&req, name);
     let event = &model.package.manifest.event_shape;
     let rows_shape =
         |n: usize| -> Vec<usize> { std::iter::once(n).chain(event.iter().copied()).collect() };
+    let answer = |run: Outputs, tails, outputs, parameters| Answer {
+        model: p.name.clone(),
+        version: model.version,
+        run,
+        tails,
+        outputs,
+        parameters,
+    };
     match view {
         View::Encode => {
             let x = rows(take(inputs, DATA, &p.name)?, event)?;
             let n = x.count;
-            let (out, tails) = scored(&call, d, &model, DATA, x).await?;
+            let (out, tails) = scored(call, Deadline(deadline), &model, DATA, x).await?;
             let mut outputs = Vec::with_capacity(wanted.len());
             for name in wanted {
-                let data = match name {
+                let (shape, src) = match name {
                     LATENT => {
                         finite(&out.values[0], model.event_size, DATA, OUT_OF_DOMAIN)?;
-                        OutData::F32(&out.values[0])
+                        (rows_shape(n), Source::Graph(0))
                     }
-                    LOG_PROB => OutData::F32(&out.values[1]),
+                    LOG_PROB => (vec![n], Source::Graph(1)),
                     LOG_PROB_TERMS => {
                         finite(&out.values[2], model.event_size, DATA, OUT_OF_DOMAIN)?;
-                        OutData::F32(&out.values[2])
+                        (rows_shape(n), Source::Graph(2))
                     }
-                    _ => OutData::F64(tails.clone().expect("listed only with a reference set")),
+                    _ => (vec![n], Source::Tails),
                 };
-                let shape = match name {
-                    LATENT | LOG_PROB_TERMS => rows_shape(n),
-                    _ => vec![n],
-                };
-                outputs.push(Output {
-                    name,
-                    shape,
-                    data,
-                    binary: binary(name),
-                });
+                outputs.push((name, shape, src));
             }
-            let (body, json_length) =
-                tensor::encode_response(&p.name, model.version, req.id.as_deref(), &outputs, None);
-            Ok(Served::inference(&out, body, json_length))
+            Ok(answer(out, tails, outputs, None))
         }
         View::Decode => {
             let z = rows(take(inputs, LATENT, &p.name)?, event)?;
             let n = z.count;
-            let out = call.run(&model, Direction::Decode, LATENT, z, d.0).await?;
+            let out = call
+                .run(&model, Direction::Decode, LATENT, z, deadline)
+                .await?;
             let why = "the decoded sample overflowed float32: the latent lies too far out";
             finite(&out.values[0], model.event_size, LATENT, why)?;
-            let outputs = [Output {
-                name: DATA,
-                shape: rows_shape(n),
-                data: OutData::F32(&out.values[0]),
-                binary: binary(DATA),
-            }];
-            let (body, json_length) =
-                tensor::encode_response(&p.name, model.version, req.id.as_deref(), &outputs, None);
-            Ok(Served::inference(&out, body, json_length))
+            Ok(answer(
+                out,
+                None,
+                vec![(DATA, rows_shape(n), Source::Graph(0))],
+                None,
+            ))
         }
         View::Sample => {
             let mut inputs = inputs;
@@ -356,27 +435,70 @@ pub(super) async fn infer(
                     "input {TEMPERATURE:?}: {t:?} makes the latent noise overflow float32; lower it"
                 )));
             }
-            let out = call.submit(&model, Direction::Decode, z, d.0).await?;
+            let out = call.submit(&model, Direction::Decode, z, deadline).await?;
             let why =
                 format!("the decoded sample overflowed float32 at temperature {t:?}; lower it");
             finite(&out.values[0], model.event_size, DATA, &why)?;
-            let outputs = [Output {
-                name: DATA,
-                shape: rows_shape(n),
-                data: OutData::F32(&out.values[0]),
-                binary: binary(DATA),
-            }];
             let drawn = json!({"seed": seed, "temperature": t});
-            let (body, json_length) = tensor::encode_response(
-                &p.name,
-                model.version,
-                req.id.as_deref(),
-                &outputs,
+            Ok(answer(
+                out,
+                None,
+                vec![(DATA, rows_shape(n), Source::Graph(0))],
                 Some(drawn),
-            );
-            Ok(Served::inference(&out, body, json_length))
+            ))
         }
     }
+}
+
+/// `POST /v2/models/{name}[/versions/{version}]/infer`: JSON or binary tensors in, each output
+/// out as the request asks.
+pub(super) async fn infer(
+    call: Call,
+    Deadline(deadline): Deadline,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Result<Served, ApiError> {
+    let length = headers
+        .get(tensor::HEADER_LENGTH)
+        .map(|v| v.to_str().unwrap_or("?"));
+    let (json_part, binary) = tensor::split_body(&body, length)?;
+    if json_part.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::Malformed(
+            "the body is empty; send an inference request".into(),
+        ));
+    }
+    let mut req: InferHeader =
+        serde_json::from_slice(json_part).map_err(|_| explain::<InferHeader>(json_part))?;
+    let inputs = tensor::decode_inputs(&mut req, binary)?;
+    let outputs = req
+        .outputs
+        .as_ref()
+        .map(|list| list.iter().map(|o| o.name.clone()).collect());
+    let call_req = InferCall {
+        model: p.name,
+        version: p.version,
+        inputs,
+        outputs,
+    };
+    let answer = run(&call, deadline, call_req).await?;
+    let outputs: Vec<Output> = answer
+        .outputs()
+        .map(|(name, shape, data)| Output {
+            name,
+            shape: shape.to_vec(),
+            data,
+            binary: tensor::wants_binary(&req, name),
+        })
+        .collect();
+    let (body, json_length) = tensor::encode_response(
+        &answer.model,
+        answer.version,
+        req.id.as_deref(),
+        &outputs,
+        answer.parameters.clone(),
+    );
+    Ok(Served::inference(&answer.run, body, json_length))
 }
 
 /// The one input a view takes, by name.
