@@ -35,6 +35,19 @@ pub struct Config {
     /// Port of the Open Inference Protocol's gRPC API (off unless set).
     #[arg(long, env = "FLOWSERVE_GRPC_PORT")]
     pub grpc_port: Option<u16>,
+    /// How the served models may change while running: `none` (loaded at start), `poll`
+    /// (the repository is rescanned; new versions swap in, removed models unload) or
+    /// `explicit` (the /v2/repository routes load and unload them).
+    #[arg(
+        long,
+        env = "FLOWSERVE_MODEL_CONTROL",
+        value_enum,
+        default_value = "none"
+    )]
+    pub model_control: crate::lifecycle::ModelControl,
+    /// Seconds between repository scans with `--model-control poll`.
+    #[arg(long, env = "FLOWSERVE_POLL_INTERVAL_S", default_value_t = 5.0, value_parser = positive_seconds)]
+    pub poll_interval_s: f64,
     /// Model used when a request names none (default: the only model, if there is one).
     #[arg(long, env = "FLOWSERVE_DEFAULT_MODEL")]
     pub default_model: Option<String>,
@@ -101,5 +114,13 @@ impl Config {
             },
             |n| n as usize,
         )
+    }
+}
+
+/// A finite number of seconds above zero.
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 86400]")),
     }
 }

@@ -18,13 +18,14 @@ pub mod batcher;
 pub mod config;
 pub mod engine;
 pub mod grpc;
+pub mod lifecycle;
 pub mod metrics;
 pub mod repository;
 pub mod scoring;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -90,7 +91,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(AppState {
         config,
         metrics: Metrics::new(),
-        repo: OnceLock::new(),
+        repo: Default::default(),
+        load_options: options.clone(),
         draining: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(addr)
@@ -104,7 +106,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         match repository::load(&loader.config.models, &options, &loader.metrics).await {
             Ok(repo) => {
                 let (n, failed) = (repo.models.len(), repo.failures.len());
-                let _ = loader.repo.set(repo);
+                loader.repo.set(repo);
+                if loader.config.model_control == lifecycle::ModelControl::Poll {
+                    let every = Duration::from_secs_f64(loader.config.poll_interval_s);
+                    tracing::info!(every = ?every, "watching the repository for new versions");
+                    tokio::spawn(lifecycle::poll(loader.clone(), options.clone(), every));
+                }
                 if n == 0 {
                     tracing::error!(failed, "no model could be loaded; /readyz stays 503");
                 } else {
@@ -113,7 +120,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             Err(e) => {
                 tracing::error!("{e}");
-                let _ = loader.repo.set(Default::default());
+                loader.repo.set(Default::default());
             }
         }
     });

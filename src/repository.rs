@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,67 @@ impl Model {
     pub fn provider(&self, graph: Direction) -> Provider {
         self.providers[graph.index()]
     }
+
+    /// Closes both queues (what still waits is answered 503) and hands over the engine
+    /// threads, which end once their last batch is done.
+    fn close(&self) -> Vec<JoinHandle<()>> {
+        for g in Direction::BOTH {
+            self.queue(g).close();
+        }
+        std::mem::take(&mut *self.engines.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Takes a model that is no longer published out of service once no request holds it any
+/// more (or after `limit`): requests that already have it finish on it; new ones cannot
+/// reach it.
+pub fn retire(model: Arc<Model>, limit: Duration) {
+    tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + limit;
+        while Arc::strong_count(&model) > 1 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (name, version) = (model.name.clone(), model.version);
+        let threads = model.close();
+        let _ = tokio::task::spawn_blocking(move || {
+            threads.into_iter().for_each(|t| {
+                let _ = t.join();
+            })
+        })
+        .await;
+        tracing::info!(model = %name, version, "retired");
+    });
+}
+
+/// The served models: none until the first load finishes, then a snapshot replaced whole
+/// whenever a model is loaded, swapped or unloaded. A request works on the snapshot it got.
+#[derive(Default)]
+pub struct Registry {
+    current: RwLock<Option<Arc<Repository>>>,
+}
+
+impl Registry {
+    /// The current snapshot (none while the first load runs).
+    pub fn get(&self) -> Option<Arc<Repository>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Publishes `repo` as the current snapshot.
+    pub fn set(&self, repo: Repository) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(repo));
+    }
+
+    /// Publishes a snapshot made from the current one by `change`.
+    pub fn update<T>(&self, change: impl FnOnce(&mut Repository) -> T) -> T {
+        let mut guard = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = guard.as_deref().cloned().unwrap_or_default();
+        let out = change(&mut next);
+        *guard = Some(Arc::new(next));
+        out
+    }
 }
 
 /// A package that was refused.
@@ -59,7 +120,7 @@ pub struct LoadFailure {
 }
 
 /// What was loaded.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Repository {
     /// Served models by name.
     pub models: BTreeMap<String, Arc<Model>>,
@@ -86,7 +147,8 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-fn versions(dir: &Path) -> Vec<u64> {
+/// The version folders of a model folder, highest first.
+pub fn versions(dir: &Path) -> Vec<u64> {
     let mut v: Vec<u64> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
@@ -126,7 +188,7 @@ fn open(dir: &Path, options: &LoadOptions) -> Result<Opened, String> {
 }
 
 /// Loads one version: open it on a blocking thread, then start its engines and queues.
-async fn load_version(
+pub async fn load_version(
     name: &str,
     version: u64,
     dir: PathBuf,
@@ -271,10 +333,7 @@ impl Repository {
     pub async fn shutdown(&self, limit: Duration) {
         let mut threads = Vec::new();
         for m in self.models.values() {
-            for g in Direction::BOTH {
-                m.queue(g).close();
-            }
-            threads.append(&mut m.engines.lock().unwrap_or_else(|e| e.into_inner()));
+            threads.append(&mut m.close());
         }
         let n = threads.len();
         let join = tokio::task::spawn_blocking(move || {

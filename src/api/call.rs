@@ -91,7 +91,7 @@ impl Call {
     }
 
     /// The loaded models.
-    pub fn repository(&self) -> Result<&Repository, ApiError> {
+    pub fn repository(&self) -> Result<Arc<Repository>, ApiError> {
         self.state.repo.get().ok_or_else(|| {
             ApiError::Unavailable(
                 "models are still loading; GET /readyz says when they are ready".into(),
@@ -101,8 +101,8 @@ impl Call {
 
     /// The model served as `name`, which this request is now for.
     pub fn lookup(&self, name: &str) -> Result<Arc<Model>, ApiError> {
-        let model = self
-            .repository()?
+        let repo = self.repository()?;
+        let model = repo
             .models
             .get(name)
             .filter(|_| valid_name(name))

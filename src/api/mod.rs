@@ -12,7 +12,7 @@ pub(crate) mod v2;
 pub mod wire;
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::handler::Handler;
 use axum::middleware::from_fn_with_state;
@@ -23,7 +23,7 @@ pub use error::ApiError;
 
 use crate::config::Config;
 use crate::metrics::{Endpoint, Metrics};
-use crate::repository::Repository;
+use crate::repository::{LoadOptions, Registry};
 
 /// What every handler shares.
 pub struct AppState {
@@ -31,8 +31,10 @@ pub struct AppState {
     pub config: Config,
     /// The metric families.
     pub metrics: Metrics,
-    /// The loaded models, once loading has finished.
-    pub repo: OnceLock<Repository>,
+    /// The served models, once the first load has finished.
+    pub repo: Registry,
+    /// How models are loaded (at start, and by the lifecycle routes and watcher).
+    pub load_options: LoadOptions,
     /// Set on SIGTERM: readiness turns false; requests are still served until the listener
     /// closes (after `--drain-delay-ms`) and in-flight ones finish.
     pub draining: AtomicBool,
@@ -109,6 +111,21 @@ pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Arc<AppState>>)
             "POST",
             "/v2/models/{name}/versions/{version}/infer",
             oip(inference(Infer, v2::infer)),
+        ),
+        (
+            "POST",
+            "/v2/repository/index",
+            oip(post(v2::repository_index)),
+        ),
+        (
+            "POST",
+            "/v2/repository/models/{name}/load",
+            oip(post(v2::repository_load)),
+        ),
+        (
+            "POST",
+            "/v2/repository/models/{name}/unload",
+            oip(post(v2::repository_unload)),
         ),
     ]
 }

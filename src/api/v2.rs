@@ -34,6 +34,7 @@ use super::tensor::{self, Data, DataType, InferHeader, Input, OutData, Output};
 use super::wire::Rows;
 use super::AppState;
 use crate::batcher::Outputs;
+use crate::lifecycle::{self, ModelControl};
 use crate::repository::Model;
 use tokio::time::Instant;
 
@@ -587,4 +588,72 @@ fn scalar_float(i: Input) -> Result<f64, ApiError> {
             v.len()
         ))),
     }
+}
+
+/// One entry of the repository index.
+#[derive(Serialize)]
+pub(super) struct IndexEntry {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+/// `POST /v2/repository/index`: every served model (READY) and every refused package
+/// (UNAVAILABLE, with the reason).
+pub(super) async fn repository_index(call: Call) -> Result<Json<Vec<IndexEntry>>, ApiError> {
+    let repo = call.repository()?;
+    let mut index: Vec<IndexEntry> = repo
+        .models
+        .values()
+        .map(|m| IndexEntry {
+            name: m.name.clone(),
+            version: Some(m.version.to_string()),
+            state: "READY",
+            reason: None,
+        })
+        .collect();
+    index.extend(repo.failures.iter().map(|f| IndexEntry {
+        name: f.model.clone(),
+        version: f.version.map(|v| v.to_string()),
+        state: "UNAVAILABLE",
+        reason: Some(f.reason.clone()),
+    }));
+    Ok(Json(index))
+}
+
+fn explicit(s: &AppState, what: &str) -> Result<(), ApiError> {
+    if s.config.model_control != ModelControl::Explicit {
+        return Err(ApiError::Invalid(format!(
+            "{what} needs --model-control explicit (this server runs with {:?})",
+            s.config.model_control
+        )));
+    }
+    Ok(())
+}
+
+/// `POST /v2/repository/models/{name}/load`: loads (or reloads) the model's newest version
+/// beside what is served, then swaps it in (explicit model control).
+pub(super) async fn repository_load(
+    State(s): St,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    explicit(&s, "loading a model")?;
+    let version = lifecycle::load(&s, &s.load_options, &name).await?;
+    Ok(Json(
+        json!({"name": name, "version": version.to_string(), "state": "READY"}),
+    ))
+}
+
+/// `POST /v2/repository/models/{name}/unload`: stops serving the model; requests that
+/// already have it finish (explicit model control).
+pub(super) async fn repository_unload(
+    State(s): St,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    explicit(&s, "unloading a model")?;
+    lifecycle::unload(&s, &name)?;
+    Ok(Json(json!({"name": name, "state": "UNAVAILABLE"})))
 }
