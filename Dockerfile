@@ -30,5 +30,8 @@ ENV ORT_DYLIB_PATH=/opt/ort/libonnxruntime.so.1.32.0 \
     FLOWSERVE_LOG_FORMAT=json
 USER 10001
 EXPOSE 8080
+# Docker, Compose and ECS use this; Kubernetes uses the probes in deploy/.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD ["/usr/local/bin/flowserve", "healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/flowserve"]

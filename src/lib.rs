@@ -18,6 +18,7 @@ pub mod batcher;
 pub mod config;
 pub mod engine;
 pub mod grpc;
+pub mod healthcheck;
 pub mod lifecycle;
 pub mod metrics;
 pub mod repository;

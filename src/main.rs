@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use flowserve::batch::ScoreArgs;
 use flowserve::config::{Config, LogFormat};
+use flowserve::healthcheck::HealthcheckArgs;
 use tracing_subscriber::EnvFilter;
 
 // Every request allocates its body, rows and response. Under single-row load glibc's
@@ -24,7 +25,8 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// `flowserve [FLAGS]` serves; `flowserve score ...` scores a table offline.
+/// `flowserve [FLAGS]` serves; `flowserve score ...` scores a table offline;
+/// `flowserve healthcheck` probes a running server.
 #[derive(Parser)]
 #[command(
     name = "flowserve",
@@ -45,6 +47,9 @@ enum Command {
     /// flag and per-feature contributions, as POST /score computes them) into a CSV or
     /// Parquet file.
     Score(ScoreArgs),
+    /// Probe a running server's readiness (for a container HEALTHCHECK): exit 0 when
+    /// GET /readyz answers 200, else 1.
+    Healthcheck(HealthcheckArgs),
 }
 
 fn score(args: &ScoreArgs) -> ExitCode {
@@ -71,8 +76,22 @@ fn score(args: &ScoreArgs) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Score(args)) = &cli.command {
-        return score(args);
+    match &cli.command {
+        Some(Command::Score(args)) => return score(args),
+        Some(Command::Healthcheck(args)) => {
+            return match flowserve::healthcheck::probe(args) {
+                Ok(200) => ExitCode::SUCCESS,
+                Ok(status) => {
+                    eprintln!("not ready: GET {} answered {status}", args.path);
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("not ready: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None => {}
     }
     let config = cli.serve;
     init_tracing(config.log_format);

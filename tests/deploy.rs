@@ -143,6 +143,40 @@ fn the_dockerfile_matches_the_server_and_the_pinned_runtime() {
     );
 }
 
+/// The image's HEALTHCHECK runs `flowserve healthcheck`, which exits 0 against a ready
+/// server and 1 (saying why) against a port nobody serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_healthcheck_probes_readiness() {
+    let docker = read("Dockerfile");
+    let line = docker
+        .lines()
+        .skip_while(|l| !l.starts_with("HEALTHCHECK"))
+        .nth(1)
+        .expect("a HEALTHCHECK instruction");
+    assert!(
+        line.contains(r#"["/usr/local/bin/flowserve", "healthcheck"]"#),
+        "{line}"
+    );
+    let server = Server::start(&bundled_models(), &[]);
+    server.ready().await;
+    let port = server.base.rsplit(':').next().unwrap().to_string();
+    let run = |port: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_flowserve"))
+            .args(["healthcheck", "--port", port])
+            .output()
+            .unwrap()
+    };
+    let ok = run(&port);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let down = run(&free_port().to_string());
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("not ready"));
+}
+
 /// Every `flowserve_*` series the alert rules and the dashboard query exists in a real
 /// server's scrape (histograms through their `_bucket`, `_sum` and `_count` series).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
