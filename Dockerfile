@@ -4,6 +4,9 @@
 # Serve other packages by mounting a repository over /models (<name>/<version>/flow.json).
 
 FROM rust:1.95-bookworm AS build
+# Versions come with the bookworm base image's point release; pinning exact Debian versions
+# breaks the build whenever a security update replaces them.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3-pip \
  && rm -rf /var/lib/apt/lists/*
@@ -15,9 +18,10 @@ RUN scripts/fetch-ort.sh /opt/ort \
  && cp target/release/flowserve /usr/local/bin/flowserve
 
 FROM debian:bookworm-slim
-# libstdc++ and libgomp for ONNX Runtime; no shell tools are needed at run time.
+# libstdc++ for ONNX Runtime (and ca-certificates); versions as above.
+# hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libstdc++6 libgomp1 ca-certificates \
+ && apt-get install -y --no-install-recommends libstdc++6 ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home flowserve
 COPY --from=build /usr/local/bin/flowserve /usr/local/bin/flowserve

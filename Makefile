@@ -38,9 +38,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## The Python side of the tests (tritonclient for the Open Inference Protocol tests).
+## The Python side of the tests (tritonclient, the platform validators) and promtool.
 test-venv:
 	scripts/test-venv.sh .test-venv
+	scripts/fetch-promtool.sh .tools
 
 unit: ort test-venv
 	@if command -v cargo-nextest >/dev/null 2>&1; then \
@@ -69,4 +70,4 @@ bench: ort data
 
 clean:
 	$(CARGO) clean
-	rm -rf .ort runs .test-venv
+	rm -rf .ort runs .test-venv .tools

@@ -49,7 +49,7 @@ fn env_value(c: &Yaml, name: &str) -> Option<i64> {
 
 #[test]
 fn the_deployment_matches_the_server() {
-    let d = yaml("deploy/deployment.yaml");
+    let d = yaml("deploy/base/deployment.yaml");
     let c = container(&d);
     let defaults = <flowserve::config::Config as clap::Parser>::try_parse_from(["flowserve"])
         .expect("defaults parse");
@@ -100,18 +100,246 @@ fn the_deployment_matches_the_server() {
         "terminationGracePeriodSeconds {grace} s must exceed drain {drain} ms + shutdown {shutdown} ms"
     );
 
-    let s = yaml("deploy/service.yaml");
+    let s = yaml("deploy/base/service.yaml");
     assert_eq!(s["spec"]["ports"][0]["targetPort"], port["name"]);
     assert_eq!(s["spec"]["selector"], d["spec"]["selector"]["matchLabels"]);
 
-    let k = yaml("deploy/kustomization.yaml");
+    // The gRPC port is the one the server is told to open, and the Service routes to it.
+    let grpc = &c["ports"][1];
+    assert_eq!(grpc["name"].as_str(), Some("grpc"));
+    assert_eq!(
+        env_value(c, "FLOWSERVE_GRPC_PORT"),
+        grpc["containerPort"].as_i64()
+    );
+    assert_eq!(s["spec"]["ports"][1]["targetPort"], grpc["name"]);
+
+    // Hardening: its own account without a token, seccomp, no root, read-only root with a
+    // writable /tmp, CPU and memory limits, and the models on a volume outside the image.
+    let pod = &d["spec"]["template"]["spec"];
+    let sa = yaml("deploy/base/serviceaccount.yaml");
+    assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);
+    assert_eq!(sa["automountServiceAccountToken"].as_bool(), Some(false));
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(
+        c["securityContext"]["readOnlyRootFilesystem"].as_bool(),
+        Some(true)
+    );
+    assert!(c["resources"]["limits"]["cpu"].as_str().is_some());
+    let mounts = c["volumeMounts"].as_vec().unwrap();
+    let models_at = mounts
+        .iter()
+        .find(|m| m["name"].as_str() == Some("models"))
+        .unwrap()["mountPath"]
+        .clone();
+    assert_eq!(
+        models_at.as_str(),
+        c["env"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"].as_str() == Some("FLOWSERVE_MODELS"))
+            .unwrap()["value"]
+            .as_str()
+    );
+    assert!(mounts
+        .iter()
+        .any(|m| m["mountPath"].as_str() == Some("/tmp")));
+    let pvc = yaml("deploy/base/pvc.yaml");
+    assert_eq!(
+        pod["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        pvc["metadata"]["name"]
+    );
+    assert_eq!(
+        env_value_str(c, "FLOWSERVE_MODEL_CONTROL").as_deref(),
+        Some("poll")
+    );
+    assert!(pod["topologySpreadConstraints"]
+        .as_vec()
+        .is_some_and(|t| !t.is_empty()));
+
+    // The disruption budget, network policy and ServiceMonitor select these pods and ports.
+    let labels = &d["spec"]["selector"]["matchLabels"];
+    assert_eq!(
+        &yaml("deploy/base/pdb.yaml")["spec"]["selector"]["matchLabels"],
+        labels
+    );
+    let np = yaml("deploy/base/networkpolicy.yaml");
+    assert_eq!(&np["spec"]["podSelector"]["matchLabels"], labels);
+    let open: BTreeSet<i64> = np["spec"]["ingress"][0]["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_i64().unwrap())
+        .collect();
+    let served: BTreeSet<i64> = c["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        open, served,
+        "the network policy opens exactly the serving ports"
+    );
+    let sm = yaml("deploy/base/servicemonitor.yaml");
+    assert_eq!(&sm["spec"]["selector"]["matchLabels"], labels);
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["port"],
+        s["spec"]["ports"][0]["name"]
+    );
+    assert!(routes.contains(sm["spec"]["endpoints"][0]["path"].as_str().unwrap()));
+
+    // The base lists files that exist; each overlay builds on it and sets the image by
+    // `images:` (nothing anywhere runs `:latest`).
+    let k = yaml("deploy/base/kustomization.yaml");
+    assert_eq!(k["namespace"].as_str(), Some("flowserve"));
     for r in k["resources"].as_vec().unwrap() {
         let f = r.as_str().unwrap();
         assert!(
-            root().join("deploy").join(f).exists(),
+            root().join("deploy/base").join(f).exists(),
             "kustomization lists {f}"
         );
     }
+    for overlay in ["cpu", "gpu"] {
+        let o = yaml(&format!("deploy/overlays/{overlay}/kustomization.yaml"));
+        assert_eq!(o["resources"][0].as_str(), Some("../../base"), "{overlay}");
+        let image = &o["images"][0];
+        assert_eq!(
+            image["name"].as_str(),
+            c["image"].as_str(),
+            "{overlay}: images: names the base image"
+        );
+        assert!(
+            image["newTag"].as_str().is_some_and(|t| t != "latest"),
+            "{overlay}"
+        );
+        for p in o["patches"].as_vec().into_iter().flatten() {
+            let f = p["path"].as_str().unwrap();
+            assert!(
+                root()
+                    .join(format!("deploy/overlays/{overlay}"))
+                    .join(f)
+                    .exists(),
+                "{overlay} patches {f}"
+            );
+        }
+    }
+    for f in deploy_files() {
+        assert!(!read(&f).contains(":latest"), "{f} runs :latest");
+    }
+    let gpu = yaml("deploy/overlays/gpu/gpu.yaml");
+    let gc = container(&gpu);
+    assert_eq!(
+        gc["resources"]["limits"]["nvidia.com/gpu"].as_i64(),
+        Some(1)
+    );
+    let providers = env_value_str(gc, "FLOWSERVE_EXECUTION_PROVIDERS").unwrap();
+    let parsed = <flowserve::config::Config as clap::Parser>::try_parse_from([
+        "flowserve",
+        "--execution-providers",
+        &providers,
+    ])
+    .unwrap();
+    assert_eq!(parsed.execution_providers[0].as_str(), "cuda");
+    for e in gc["env"].as_vec().unwrap() {
+        assert!(envs.contains(e["name"].as_str().unwrap()));
+    }
+}
+
+/// Every file under deploy/, relative to the repository.
+fn deploy_files() -> Vec<String> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            if e.path().is_dir() {
+                walk(&e.path(), out);
+            } else {
+                out.push(
+                    e.path()
+                        .strip_prefix(root())
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&root().join("deploy"), &mut out);
+    out
+}
+
+fn env_value_str(c: &Yaml, name: &str) -> Option<String> {
+    c["env"]
+        .as_vec()?
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))?["value"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The KServe ServingRuntime speaks what the server serves: Open Inference Protocol probes on
+/// real routes, the default port, real settings; the InferenceService uses it.
+#[test]
+fn the_kserve_runtime_matches_the_server() {
+    let rt = yaml("deploy/kserve/servingruntime.yaml");
+    assert_eq!(rt["kind"].as_str(), Some("ServingRuntime"));
+    let spec = &rt["spec"];
+    let protocols: Vec<&str> = spec["protocolVersions"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(protocols, ["v2", "grpc-v2"]);
+    assert_eq!(
+        spec["supportedModelFormats"][0]["name"].as_str(),
+        Some("flowpack")
+    );
+    let c = &spec["containers"][0];
+    assert_eq!(c["name"].as_str(), Some("kserve-container"));
+    let routes: BTreeSet<String> = flowserve::api::routes()
+        .into_iter()
+        .filter(|(m, _, _)| *m == "GET")
+        .map(|(_, p, _)| p.to_string())
+        .collect();
+    for (probe, path) in [
+        ("readinessProbe", "/v2/health/ready"),
+        ("livenessProbe", "/v2/health/live"),
+    ] {
+        let got = c[probe]["httpGet"]["path"].as_str().unwrap();
+        assert_eq!(got, path);
+        assert!(routes.contains(got), "{probe}: {got} is not a route");
+    }
+    let envs = flag_envs();
+    for e in c["env"].as_vec().unwrap() {
+        assert!(
+            envs.contains(e["name"].as_str().unwrap()),
+            "{:?}",
+            e["name"]
+        );
+    }
+    assert_eq!(
+        env_value_str(c, "FLOWSERVE_MODELS").as_deref(),
+        Some("/mnt/models"),
+        "where KServe puts the storageUri"
+    );
+    assert_eq!(
+        c["ports"][0]["containerPort"].as_i64(),
+        env_value(c, "FLOWSERVE_PORT")
+    );
+    let isvc = yaml("deploy/kserve/inferenceservice.yaml");
+    let m = &isvc["spec"]["predictor"]["model"];
+    assert_eq!(m["runtime"], rt["metadata"]["name"]);
+    assert_eq!(
+        m["modelFormat"]["name"],
+        spec["supportedModelFormats"][0]["name"]
+    );
+    assert_eq!(m["protocolVersion"].as_str(), Some("v2"));
 }
 
 #[test]
@@ -189,13 +417,15 @@ async fn rules_and_dashboard_query_metrics_that_exist() {
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| l.split(['{', ' ']).next().unwrap())
         .collect();
-    let rules = read("deploy/prometheus-rules.yaml");
-    let dashboard = read("deploy/grafana-dashboard.json");
+    let rules = read("deploy/base/prometheus-rules.yaml");
+    let dashboard = read("deploy/base/grafana-dashboard.json");
     serde_json::from_str::<serde_json::Value>(&dashboard).expect("the dashboard is JSON");
-    let r = yaml("deploy/prometheus-rules.yaml");
+    let r = yaml("deploy/base/prometheus-rules.yaml");
     assert!(!r["spec"]["groups"][0]["rules"].as_vec().unwrap().is_empty());
     let mut checked = 0;
-    for text in [&rules, &dashboard] {
+    let keda = read("deploy/autoscaling/keda-scaledobject.yaml");
+    let hpa = read("deploy/autoscaling/hpa.yaml");
+    for text in [&rules, &dashboard, &keda, &hpa] {
         let mut rest = text.as_str();
         while let Some(i) = rest.find("flowserve_") {
             let name: String = rest[i..]
@@ -232,10 +462,15 @@ fn the_scoring_job_shards_the_table_by_completion_index() {
     assert_eq!(spec["completionMode"].as_str(), Some("Indexed"));
     let n = spec["completions"].as_i64().unwrap();
     let c = &spec["template"]["spec"]["containers"][0];
-    let deployment = yaml("deploy/deployment.yaml");
+    let cpu = yaml("deploy/overlays/cpu/kustomization.yaml");
+    let image = format!(
+        "{}:{}",
+        cpu["images"][0]["newName"].as_str().unwrap(),
+        cpu["images"][0]["newTag"].as_str().unwrap()
+    );
     assert_eq!(
-        c["image"],
-        container(&deployment)["image"],
+        c["image"].as_str(),
+        Some(image.as_str()),
         "the serving image"
     );
     let index_from = c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"]
@@ -272,7 +507,7 @@ fn the_scoring_job_shards_the_table_by_completion_index() {
 #[test]
 fn drift_has_a_panel_a_recording_rule_and_an_alert() {
     let dashboard: serde_json::Value =
-        serde_json::from_str(&read("deploy/grafana-dashboard.json")).unwrap();
+        serde_json::from_str(&read("deploy/base/grafana-dashboard.json")).unwrap();
     let panel = dashboard["panels"]
         .as_array()
         .unwrap()
@@ -292,7 +527,7 @@ fn drift_has_a_panel_a_recording_rule_and_an_alert() {
     assert!(expr.contains("flowserve_tail_probability_count"), "{expr}");
     // The bucket the panel and the rule read is one the server exposes.
     assert!(flowserve::metrics::TAIL_BUCKETS.contains(&0.01));
-    let rules = yaml("deploy/prometheus-rules.yaml");
+    let rules = yaml("deploy/base/prometheus-rules.yaml");
     let rules = rules["spec"]["groups"][0]["rules"].as_vec().unwrap();
     let record = rules
         .iter()
