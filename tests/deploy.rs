@@ -502,6 +502,64 @@ fn the_scoring_job_shards_the_table_by_completion_index() {
     assert_eq!(outputs.len() as i64, n, "each pod writes its own part");
 }
 
+/// The dashboard filters every panel by namespace, instance and model, uses Grafana's rate
+/// interval, and gives every panel an id and a unit; a provisioning file finds it.
+#[test]
+fn the_dashboard_filters_every_panel_and_is_provisioned() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/base/grafana-dashboard.json")).unwrap();
+    let vars: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, ["datasource", "namespace", "instance", "model"]);
+    let mut ids = BTreeSet::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        let title = p["title"].as_str().unwrap();
+        assert!(
+            ids.insert(p["id"].as_i64().unwrap()),
+            "{title}: a unique id"
+        );
+        assert!(
+            p["fieldConfig"]["defaults"]["unit"].as_str().is_some(),
+            "{title}: a unit"
+        );
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("flowserve_") {
+                let rest = &expr[i..];
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let selector = &rest[name.len()..];
+                assert!(
+                    selector.starts_with("{namespace=~\"$namespace\", instance=~\"$instance\""),
+                    "{title}: {expr}"
+                );
+                if name != "flowserve_in_flight_requests" {
+                    assert!(
+                        selector
+                            .split('}')
+                            .next()
+                            .unwrap()
+                            .contains("model=~\"$model\""),
+                        "{title}: {expr}"
+                    );
+                }
+            }
+            assert!(
+                !expr.contains("[1m]") && !expr.contains("[5m]"),
+                "{title}: $__rate_interval, not a fixed window: {expr}"
+            );
+        }
+    }
+    let provider = yaml("deploy/grafana/dashboards.yaml");
+    assert_eq!(provider["providers"][0]["type"].as_str(), Some("file"));
+}
+
 /// Drift: the dashboard has a panel on the share of scored rows below the reference 1 %
 /// tail, and the rules record it and alert when it stays several times higher.
 #[test]

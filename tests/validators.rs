@@ -122,6 +122,44 @@ fn prometheus_rules_check_and_pass_their_unit_tests() {
 }
 
 #[test]
+fn every_dashboard_query_parses() {
+    // Each panel's PromQL, with the dashboard's variables filled in, as a recording rule.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/base/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut n = 0;
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "2m")
+                .replace("$namespace", ".*")
+                .replace("$instance", ".*")
+                .replace("$model", ".*");
+            n += 1;
+            rules.push_str(&format!(
+                "      - record: dashboard:panel{n}\n        expr: {}\n",
+                serde_json::to_string(&expr).unwrap()
+            ));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dashboard.yaml"), rules).unwrap();
+    let text = passes(
+        Command::new(tool(".tools/promtool"))
+            .args(["check", "rules"])
+            .arg(dir.path().join("dashboard.yaml")),
+    );
+    assert!(
+        text.contains(&format!("SUCCESS: {n} rules found")),
+        "{text}"
+    );
+}
+
+#[test]
 fn openapi_is_valid() {
     let text = passes(
         Command::new(tool(".test-venv/bin/openapi-spec-validator")).arg(Path::new("openapi.yaml")),
