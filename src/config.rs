@@ -45,6 +45,10 @@ pub struct Config {
         default_value = "none"
     )]
     pub model_control: crate::lifecycle::ModelControl,
+    /// Which versions of each model to serve: `latest:N` (the N newest that load),
+    /// `specific:V[,V...]` or `all`. Requests that name no version get the newest served.
+    #[arg(long, env = "FLOWSERVE_VERSION_POLICY", default_value = "latest:1")]
+    pub version_policy: crate::repository::VersionPolicy,
     /// Seconds between repository scans with `--model-control poll`.
     #[arg(long, env = "FLOWSERVE_POLL_INTERVAL_S", default_value_t = 5.0, value_parser = positive_seconds)]
     pub poll_interval_s: f64,

@@ -88,6 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             max_queue_rows: config.max_queue_rows as usize,
             max_delay: Duration::from_micros(config.max_queue_delay_us),
         },
+        policy: config.version_policy.clone(),
     };
     let state = Arc::new(AppState {
         config,

@@ -83,31 +83,78 @@ pub async fn reconcile(state: &Arc<AppState>, options: &LoadOptions, refused: &m
         return;
     };
     for name in &names {
-        let Some(&newest) = versions(&dir.join(name)).first() else {
-            continue;
-        };
-        if current.models.get(name).map(|m| m.version) == Some(newest) {
-            continue;
-        }
-        let folder = dir.join(name).join(newest.to_string());
-        let print = fingerprint(&folder);
-        if refused.0.get(&(name.clone(), newest)) == Some(&print) {
-            continue;
-        }
-        match swap_in(state, options, name, newest).await {
-            Ok(()) => {
-                refused.0.remove(&(name.clone(), newest));
-            }
-            Err(_) => {
-                refused.0.insert((name.clone(), newest), print);
-            }
-        }
+        converge(state, options, name, Some(refused)).await;
     }
-    for name in current.models.keys() {
-        if !names.contains(name) || versions(&dir.join(name)).is_empty() {
+    for name in current.versions.keys() {
+        if !names.contains(name) {
             let _ = unload(state, name);
         }
     }
+}
+
+/// Brings the served versions of `name` in line with its folder and the version policy:
+/// the newest versions that load (or the pinned ones) are served, each loaded beside what
+/// is served before it takes traffic; the others are retired. Versions refused before are
+/// skipped while their files stay the same (when `refused` is given). Returns the versions
+/// served after it.
+async fn converge(
+    state: &Arc<AppState>,
+    options: &LoadOptions,
+    name: &str,
+    mut refused: Option<&mut Refused>,
+) -> Vec<u64> {
+    let dir = state.config.models.join(name);
+    let on_disk = versions(&dir);
+    let (candidates, wanted) = options.policy.candidates(&on_disk);
+    let served = state
+        .repo
+        .get()
+        .map(|r| r.served_versions(name))
+        .unwrap_or_default();
+    let mut keep = Vec::new();
+    for v in candidates {
+        if keep.len() == wanted {
+            break;
+        }
+        if served.contains(&v) {
+            keep.push(v);
+            continue;
+        }
+        let print = fingerprint(&dir.join(v.to_string()));
+        let key = (name.to_string(), v);
+        if let Some(r) = refused.as_deref() {
+            if r.0.get(&key) == Some(&print) {
+                continue;
+            }
+        }
+        match swap_in(state, options, name, v).await {
+            Ok(()) => {
+                keep.push(v);
+                if let Some(r) = refused.as_deref_mut() {
+                    r.0.remove(&key);
+                }
+            }
+            Err(_) => {
+                if let Some(r) = refused.as_deref_mut() {
+                    r.0.insert(key, print);
+                }
+            }
+        }
+    }
+    for v in served {
+        if !keep.contains(&v) {
+            if let Some(old) = state.repo.update(|r| r.withdraw(name, v)) {
+                tracing::info!(
+                    model = name,
+                    version = v,
+                    "version no longer served; it drains"
+                );
+                retire(old, Duration::from_millis(state.config.shutdown_timeout_ms));
+            }
+        }
+    }
+    keep.sort_unstable();
+    keep
 }
 
 /// Loads version `version` of `name` beside what is served and publishes it; on failure the
@@ -122,18 +169,11 @@ async fn swap_in(
     match load_version(name, version, folder, options, &state.metrics).await {
         Ok(model) => {
             let old = state.repo.update(|r| {
-                r.failures.retain(|f| f.model != name);
-                r.models.insert(name.to_string(), Arc::new(model))
+                r.failures
+                    .retain(|f| !(f.model == name && f.version.is_none_or(|v| v <= version)));
+                r.publish(Arc::new(model))
             });
-            match &old {
-                Some(o) => tracing::info!(
-                    model = name,
-                    version,
-                    from = o.version,
-                    "new version serving; the old one drains"
-                ),
-                None => tracing::info!(model = name, version, "model loaded"),
-            }
+            tracing::info!(model = name, version, "version loaded and serving");
             if let Some(o) = old {
                 retire(o, Duration::from_millis(state.config.shutdown_timeout_ms));
             }
@@ -160,12 +200,15 @@ async fn swap_in(
     }
 }
 
-/// Loads (or reloads) model `name` from its newest version folder: explicit model control.
+/// Loads model `name` from its folder (explicit model control): the versions its policy
+/// asks for, each beside what is served, and retires the others; returns the versions
+/// served after it. When the newest version is refused, what was served keeps serving and
+/// the call fails with the reason.
 pub async fn load(
     state: &Arc<AppState>,
     options: &LoadOptions,
     name: &str,
-) -> Result<u64, ApiError> {
+) -> Result<Vec<u64>, ApiError> {
     if !valid_name(name) {
         return Err(ApiError::Invalid(format!(
             "{name:?} is not a valid model name"
@@ -178,19 +221,43 @@ pub async fn load(
             dir.display()
         )));
     };
-    swap_in(state, options, name, newest)
-        .await
-        .map_err(|reason| {
-            ApiError::Invalid(format!("{name} version {newest} was refused: {reason}"))
-        })?;
-    Ok(newest)
+    let served = converge(state, options, name, None).await;
+    let newest_served = served.last().copied().unwrap_or(0);
+    let refusal = state.repo.get().and_then(|r| {
+        r.failures
+            .iter()
+            .filter(|f| f.model == name)
+            .find(|f| f.version.is_some_and(|v| v > newest_served && v <= newest))
+            .cloned()
+    });
+    match refusal {
+        Some(f) => Err(ApiError::Invalid(format!(
+            "{name} version {} was refused: {}",
+            f.version.unwrap_or(newest),
+            f.reason
+        ))),
+        None if served.is_empty() => Err(ApiError::Invalid(format!(
+            "{name}: no version could be loaded"
+        ))),
+        None => Ok(served),
+    }
 }
 
-/// Stops serving model `name`; requests that already have it finish.
+/// Stops serving every version of model `name`; requests that already have one finish.
 pub fn unload(state: &Arc<AppState>, name: &str) -> Result<(), ApiError> {
-    let old = state.repo.update(|r| r.models.remove(name));
-    let old = old.ok_or_else(|| ApiError::UnknownModel(name.to_string()))?;
-    tracing::info!(model = name, version = old.version, "model unloaded");
-    retire(old, Duration::from_millis(state.config.shutdown_timeout_ms));
+    let old = state.repo.update(|r| {
+        let versions = r.served_versions(name);
+        versions
+            .into_iter()
+            .filter_map(|v| r.withdraw(name, v))
+            .collect::<Vec<_>>()
+    });
+    if old.is_empty() {
+        return Err(ApiError::UnknownModel(name.to_string()));
+    }
+    for m in old {
+        tracing::info!(model = name, version = m.version, "model unloaded");
+        retire(m, Duration::from_millis(state.config.shutdown_timeout_ms));
+    }
     Ok(())
 }

@@ -122,10 +122,118 @@ pub struct LoadFailure {
 /// What was loaded.
 #[derive(Default, Clone)]
 pub struct Repository {
-    /// Served models by name.
+    /// The newest served version of each model, by name: what a request that names no
+    /// version gets.
     pub models: BTreeMap<String, Arc<Model>>,
+    /// Every served version of each model (the version policy may keep several).
+    pub versions: BTreeMap<String, BTreeMap<u64, Arc<Model>>>,
     /// Refused packages.
     pub failures: Vec<LoadFailure>,
+}
+
+impl Repository {
+    /// Serves `model` beside the model's other versions; returns the one it replaces (the
+    /// same name and version), if any.
+    pub fn publish(&mut self, model: Arc<Model>) -> Option<Arc<Model>> {
+        let name = model.name.clone();
+        let old = self
+            .versions
+            .entry(name.clone())
+            .or_default()
+            .insert(model.version, model);
+        self.relink(&name);
+        old
+    }
+
+    /// Stops serving one version; returns it.
+    pub fn withdraw(&mut self, name: &str, version: u64) -> Option<Arc<Model>> {
+        let old = self.versions.get_mut(name)?.remove(&version);
+        self.relink(name);
+        old
+    }
+
+    /// Version `version` of `name`, or its newest served version.
+    pub fn get(&self, name: &str, version: Option<u64>) -> Option<&Arc<Model>> {
+        match version {
+            None => self.models.get(name),
+            Some(v) => self.versions.get(name)?.get(&v),
+        }
+    }
+
+    /// The served versions of `name`, oldest first.
+    pub fn served_versions(&self, name: &str) -> Vec<u64> {
+        self.versions
+            .get(name)
+            .map(|v| v.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn relink(&mut self, name: &str) {
+        match self.versions.get(name).and_then(|v| v.values().next_back()) {
+            Some(newest) => {
+                self.models.insert(name.to_string(), newest.clone());
+            }
+            None => {
+                self.versions.remove(name);
+                self.models.remove(name);
+            }
+        }
+    }
+}
+
+/// Which versions of a model are served: `latest:N` (the N newest that load; default
+/// `latest:1`), `specific:1,3` (those, where they load) or `all`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionPolicy {
+    /// The N newest versions that load.
+    Latest(usize),
+    /// These versions.
+    Specific(Vec<u64>),
+    /// Every version.
+    All,
+}
+
+impl std::str::FromStr for VersionPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: expected latest:N (N ≥ 1), specific:V[,V...] or all");
+        match s.trim().split_once(':') {
+            None if s.trim() == "all" => Ok(VersionPolicy::All),
+            Some(("latest", n)) => match n.trim().parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(VersionPolicy::Latest(n)),
+                _ => Err(bad()),
+            },
+            Some(("specific", list)) => {
+                let v: Vec<u64> = list
+                    .split(',')
+                    .map(|x| x.trim().parse::<u64>().ok().filter(|&v| v > 0))
+                    .collect::<Option<_>>()
+                    .ok_or_else(bad)?;
+                Ok(VersionPolicy::Specific(v))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl VersionPolicy {
+    /// The versions (of those on disk, newest first) worth trying, in order, and how many
+    /// of them to serve at most.
+    pub fn candidates(&self, on_disk: &[u64]) -> (Vec<u64>, usize) {
+        match self {
+            VersionPolicy::Latest(n) => (on_disk.to_vec(), *n),
+            VersionPolicy::Specific(list) => {
+                let v: Vec<u64> = on_disk
+                    .iter()
+                    .copied()
+                    .filter(|v| list.contains(v))
+                    .collect();
+                let n = v.len();
+                (v, n)
+            }
+            VersionPolicy::All => (on_disk.to_vec(), on_disk.len()),
+        }
+    }
 }
 
 /// How models are loaded.
@@ -135,6 +243,8 @@ pub struct LoadOptions {
     pub session: SessionOptions,
     /// Queue settings.
     pub batch: BatchConfig,
+    /// Which versions of each model to serve.
+    pub policy: VersionPolicy,
 }
 
 /// Whether `name` may be a model name in URLs and folders.
@@ -258,13 +368,14 @@ pub async fn load_version(
     })
 }
 
-/// Loads the highest version of model `name` that works; the refusals on the way.
+/// Loads the versions of model `name` its version policy asks for (the newest that work);
+/// the refusals on the way.
 async fn load_model(
     dir: &Path,
     name: String,
     options: &LoadOptions,
     metrics: &Metrics,
-) -> (Option<Model>, Vec<LoadFailure>) {
+) -> (Vec<Model>, Vec<LoadFailure>) {
     let mut failures = Vec::new();
     let mut fail = |version: Option<u64>, reason: String| {
         tracing::error!(model = %name, version, "package refused: {reason}");
@@ -280,22 +391,27 @@ async fn load_model(
             None,
             "the folder name is not a valid model name (letters, digits, '-', '_', '.')".into(),
         );
-        return (None, failures);
+        return (Vec::new(), failures);
     }
     let vs = versions(&dir.join(&name));
     if vs.is_empty() {
         let expected = format!("{}/{name}/1/flow.json", dir.display());
         fail(None, format!("no version folders: expected {expected}"));
-        return (None, failures);
+        return (Vec::new(), failures);
     }
-    for v in vs {
+    let (candidates, wanted) = options.policy.candidates(&vs);
+    let mut loaded = Vec::new();
+    for v in candidates {
+        if loaded.len() == wanted {
+            break;
+        }
         let folder = dir.join(&name).join(v.to_string());
         match load_version(&name, v, folder, options, metrics).await {
-            Ok(m) => return (Some(m), failures),
+            Ok(m) => loaded.push(m),
             Err(reason) => fail(Some(v), reason),
         }
     }
-    (None, failures)
+    (loaded, failures)
 }
 
 /// Scans `dir` and loads every model it can, the models concurrently.
@@ -317,11 +433,11 @@ pub async fn load(
         .into_iter()
         .map(|name| load_model(dir, name, options, metrics));
     let mut repo = Repository::default();
-    for (model, failures) in futures_util::future::join_all(loads).await {
+    for (models, failures) in futures_util::future::join_all(loads).await {
         repo.failures.extend(failures);
-        if let Some(m) = model {
+        for m in models {
             tracing::info!(model = %m.name, version = m.version, family = %m.package.manifest.family, "model ready");
-            repo.models.insert(m.name.clone(), Arc::new(m));
+            repo.publish(Arc::new(m));
         }
     }
     Ok(repo)
@@ -332,7 +448,7 @@ impl Repository {
     /// waiting at most `limit` for the batches they are running.
     pub async fn shutdown(&self, limit: Duration) {
         let mut threads = Vec::new();
-        for m in self.models.values() {
+        for m in self.versions.values().flat_map(|v| v.values()) {
             threads.append(&mut m.close());
         }
         let n = threads.len();

@@ -259,6 +259,21 @@ async fn explicit_model_control_loads_and_unloads_through_the_repository_routes(
         .post("/v2/repository/models/nope/load", json!({}))
         .await;
     assert_eq!(s, 404, "{b}");
+    // A good version 4: it serves, and version 2 goes (latest:1).
+    publish(repo.path(), 4, false);
+    let (s, b) = server
+        .post("/v2/repository/models/moons/load", json!({}))
+        .await;
+    assert_eq!((s, b["versions"].clone()), (200, json!(["4"])), "{b}");
+    let (_, index) = server.post("/v2/repository/index", json!({})).await;
+    let moons: Vec<&Value> = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "moons" && e["state"] == "READY")
+        .collect();
+    assert_eq!(moons.len(), 1, "{index}");
+    assert_eq!(moons[0]["version"], "4");
 
     // Without explicit control the routes say what they need.
     let other = Server::start(repo.path(), &[]);
@@ -274,4 +289,68 @@ async fn explicit_model_control_loads_and_unloads_through_the_repository_routes(
             .contains("--model-control explicit"),
         "{b}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn version_policies_serve_the_newest_n_or_pinned_versions() {
+    let repo = repo_of(&["moons"]);
+    publish(repo.path(), 2, false);
+    let infer = json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [0.5, 0.25]}]});
+
+    // latest:2 serves both; a request without a version gets the newest.
+    let server = Server::start(
+        repo.path(),
+        &[
+            "--version-policy",
+            "latest:2",
+            "--model-control",
+            "poll",
+            "--poll-interval-s",
+            "0.1",
+        ],
+    );
+    server.ready().await;
+    let md = server.get_json("/v2/models/moons").await;
+    assert_eq!(md["versions"], json!(["1", "2"]));
+    for (path, version) in [
+        ("/v2/models/moons/infer", "2"),
+        ("/v2/models/moons/versions/1/infer", "1"),
+        ("/v2/models/moons/versions/2/infer", "2"),
+    ] {
+        let (s, b) = server.post(path, infer.clone()).await;
+        assert_eq!(
+            (s, b["model_version"].as_str()),
+            (200, Some(version)),
+            "{path}: {b}"
+        );
+    }
+    // A third version pushes the oldest out.
+    publish(repo.path(), 3, false);
+    wait_for("versions 2 and 3", async || {
+        server.get_json("/v2/models/moons").await["versions"] == json!(["2", "3"])
+    })
+    .await;
+    let (s, b) = server
+        .post("/v2/models/moons/versions/1/infer", infer.clone())
+        .await;
+    assert_eq!(s, 404, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("served: 2, 3"), "{b}");
+    drop(server);
+
+    // specific:1 pins version 1 although newer ones exist.
+    let pinned = Server::start(repo.path(), &["--version-policy", "specific:1"]);
+    pinned.ready().await;
+    assert_eq!(
+        pinned.get_json("/v2/models/moons").await["versions"],
+        json!(["1"])
+    );
+    assert_eq!(served_version(&pinned, "moons").await, Some(1));
+
+    // A policy that does not parse is refused at start, naming the flag.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowserve"))
+        .args(["--version-policy", "newest"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--version-policy"));
 }

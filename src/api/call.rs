@@ -99,12 +99,20 @@ impl Call {
         })
     }
 
-    /// The model served as `name`, which this request is now for.
+    /// The newest served version of model `name`, which this request is now for.
     pub fn lookup(&self, name: &str) -> Result<Arc<Model>, ApiError> {
+        self.find(name, None)
+    }
+
+    /// Version `version` of model `name`, which this request is now for.
+    pub fn lookup_version(&self, name: &str, version: u64) -> Result<Arc<Model>, ApiError> {
+        self.find(name, Some(version))
+    }
+
+    fn find(&self, name: &str, version: Option<u64>) -> Result<Arc<Model>, ApiError> {
         let repo = self.repository()?;
         let model = repo
-            .models
-            .get(name)
+            .get(name, version)
             .filter(|_| valid_name(name))
             .ok_or_else(|| ApiError::UnknownModel(name.to_string()))?;
         self.scope.set_model(model);

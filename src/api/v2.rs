@@ -76,15 +76,24 @@ fn resolve(call: &Call, p: &ModelPath) -> Result<(Arc<Model>, View), ApiError> {
             .filter(|(b, _)| repo.models.contains_key(*b))
             .ok_or_else(|| ApiError::UnknownModel(p.name.clone()))?
     };
-    let model = call.lookup(base)?;
-    if let Some(v) = &p.version {
-        if v.parse::<u64>().ok() != Some(model.version) {
-            return Err(ApiError::NoRoute(format!(
-                "model {:?} has no version {v:?}; version {} is served",
-                p.name, model.version
-            )));
+    let model = match &p.version {
+        None => call.lookup(base)?,
+        Some(v) => {
+            let served = repo.served_versions(base);
+            let found = v.parse::<u64>().ok().filter(|v| served.contains(v));
+            match found {
+                Some(v) => call.lookup_version(base, v)?,
+                None => {
+                    let list: Vec<String> = served.iter().map(u64::to_string).collect();
+                    return Err(ApiError::NoRoute(format!(
+                        "model {:?} has no version {v:?}; served: {}",
+                        p.name,
+                        list.join(", ")
+                    )));
+                }
+            }
         }
-    }
+    };
     Ok((model, view))
 }
 
@@ -123,9 +132,10 @@ pub(crate) fn describe(
     let p = ModelPath { name, version };
     let (model, view) = resolve(call, &p)?;
     let (inputs, outputs) = signature(&model, view);
+    let versions = call.repository()?.served_versions(&model.name);
     Ok(Metadata {
         name: p.name,
-        versions: vec![model.version.to_string()],
+        versions: versions.iter().map(u64::to_string).collect(),
         platform: PLATFORM,
         inputs,
         outputs,
@@ -606,8 +616,9 @@ pub(super) struct IndexEntry {
 pub(super) async fn repository_index(call: Call) -> Result<Json<Vec<IndexEntry>>, ApiError> {
     let repo = call.repository()?;
     let mut index: Vec<IndexEntry> = repo
-        .models
+        .versions
         .values()
+        .flat_map(|v| v.values())
         .map(|m| IndexEntry {
             name: m.name.clone(),
             version: Some(m.version.to_string()),
@@ -641,10 +652,14 @@ pub(super) async fn repository_load(
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     explicit(&s, "loading a model")?;
-    let version = lifecycle::load(&s, &s.load_options, &name).await?;
-    Ok(Json(
-        json!({"name": name, "version": version.to_string(), "state": "READY"}),
-    ))
+    let versions = lifecycle::load(&s, &s.load_options, &name).await?;
+    let all: Vec<String> = versions.iter().map(u64::to_string).collect();
+    Ok(Json(json!({
+        "name": name,
+        "version": all.last(),
+        "versions": all,
+        "state": "READY",
+    })))
 }
 
 /// `POST /v2/repository/models/{name}/unload`: stops serving the model; requests that
