@@ -66,6 +66,7 @@ bench: ort data
 	scripts/bench-cost.sh $(FLOWTRAIN) runs/cost
 	$(CARGO) bench --bench cost -- --models runs/cost/models --seconds 3 --rounds 3 --out BENCHMARKS.md
 	$(CARGO) bench --bench score -- --rows 1000000 --rounds 3 --out BENCHMARKS.md
+	$(CARGO) bench --bench oip -- --seconds 3 --rounds 3 --out BENCHMARKS.md
 	scripts/bench-anomaly.sh $(FLOWTRAIN) target/release/flowserve BENCHMARKS.md
 
 clean:

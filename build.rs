@@ -1,5 +1,6 @@
 //! Compiles `proto/grpc_predict_v2.proto` (the Open Inference Protocol's gRPC service) with
-//! protox (pure Rust: no `protoc` binary) and tonic's prost generator, server side only, and
+//! protox (pure Rust: no `protoc` binary) and tonic's prost generator (the server, and the
+//! client the benchmarks load it with), and
 //! writes its descriptor set for gRPC reflection.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
-        .build_client(false)
+        .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
     Ok(())
