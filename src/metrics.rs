@@ -152,9 +152,24 @@ pub struct ModelMetrics {
     rejections: [IntCounter; 5],
     log_prob: Histogram,
     tail_probability: Histogram,
+    /// The series that say the version is loaded, and their labels: removed when it is
+    /// retired, so a swapped-out version no longer shows as loaded.
+    loaded: (IntGaugeVec, GaugeVec, [String; 4]),
 }
 
 impl ModelMetrics {
+    /// The version was retired: it no longer shows as loaded (`model_info`, the load time)
+    /// and its queues read empty. Its counters stay, as Prometheus counters do.
+    pub fn unloaded(&self) {
+        let (info, load, labels) = &self.loaded;
+        let l: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let _ = info.remove_label_values(&l);
+        let _ = load.remove_label_values(&l[..2]);
+        for q in &self.queues {
+            q.queue_rows.set(0);
+        }
+    }
+
     /// A request answered 200 with `rows` rows.
     pub fn served(&self, endpoint: Endpoint, rows: usize, took: Duration) {
         let s = &self.endpoints[endpoint as usize];
@@ -427,6 +442,16 @@ impl Metrics {
             log_prob: self.log_prob.with_label_values(&[name, &v]),
             tail_probability: self.tail_probability.with_label_values(&[name, &v]),
             requests: self.requests.clone(),
+            loaded: (
+                self.model_info.clone(),
+                self.model_load_duration.clone(),
+                [
+                    name.to_string(),
+                    v.clone(),
+                    family.to_string(),
+                    provider.clone(),
+                ],
+            ),
             name: name.to_string(),
             version: v,
         }

@@ -66,6 +66,7 @@ pub fn retire(model: Arc<Model>, limit: Duration) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let (name, version) = (model.name.clone(), model.version);
+        model.metrics.unloaded();
         let threads = model.close();
         let _ = tokio::task::spawn_blocking(move || {
             threads.into_iter().for_each(|t| {

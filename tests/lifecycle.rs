@@ -150,6 +150,14 @@ async fn new_versions_swap_in_under_load_and_a_broken_one_leaves_the_old_serving
         "{refusal}"
     );
     let metrics = server.metrics().await;
+    let info: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("flowserve_model_info{"))
+        .collect();
+    assert!(
+        info.len() == 1 && info[0].contains("version=\"2\""),
+        "only the serving version shows as loaded: {info:?}"
+    );
     assert!(
         metrics.contains("flowserve_model_load_failures_total 1"),
         "one refusal counted"
