@@ -70,94 +70,100 @@ fn wide_model(root: &Path) -> PathBuf {
     repo
 }
 
-/// A closed loop of `conns` clients posting `body` (with `headers`) back to back: rows/s.
-fn rest(url: &str, body: Vec<u8>, headers: Vec<(&'static str, String)>, secs: f64) -> (f64, usize) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// Runs one closed loop per worker for `secs`: each calls its `send` back to back (true: a
+/// success). Returns rows/s (at `ROWS` rows a request) and the failures.
+async fn closed_loop<F, Fut>(workers: Vec<F>, secs: f64) -> (f64, usize)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = workers
+        .into_iter()
+        .map(|mut send| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut errors) = (0usize, 0usize);
+                while !stop.load(Ordering::Relaxed) {
+                    if send().await {
+                        ok += 1;
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (ok, errors)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut errors) = (0, 0);
+    for t in tasks {
+        let (o, e) = t.await.unwrap();
+        ok += o;
+        errors += e;
+    }
+    ((ok * ROWS) as f64 / secs, errors)
+}
+
+/// The load generator's own runtime (one thread).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(async {
+        .unwrap()
+}
+
+/// `CONNS` clients posting `body` (with `headers`) back to back: rows/s and failures.
+fn rest(url: &str, body: Vec<u8>, headers: Vec<(&'static str, String)>, secs: f64) -> (f64, usize) {
+    runtime().block_on(async {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(CONNS)
             .build()
             .unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut tasks = Vec::new();
-        for _ in 0..CONNS {
-            let (client, url, body, headers, stop) = (
-                client.clone(),
-                url.to_string(),
-                body.clone(),
-                headers.clone(),
-                stop.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                let (mut ok, mut errors) = (0usize, 0usize);
-                while !stop.load(Ordering::Relaxed) {
+        let workers = (0..CONNS)
+            .map(|_| {
+                let (client, url, body, headers) = (
+                    client.clone(),
+                    url.to_string(),
+                    body.clone(),
+                    headers.clone(),
+                );
+                move || {
                     let mut req = client.post(&url).body(body.clone());
                     for (k, v) in &headers {
                         req = req.header(*k, v);
                     }
-                    match req.send().await {
-                        Ok(r) if r.status().is_success() => {
-                            let _ = r.bytes().await;
-                            ok += 1;
+                    async move {
+                        match req.send().await {
+                            Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                            _ => false,
                         }
-                        _ => errors += 1,
                     }
                 }
-                (ok, errors)
-            }));
-        }
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        stop.store(true, Ordering::Relaxed);
-        let (mut ok, mut errors) = (0, 0);
-        for t in tasks {
-            let (o, e) = t.await.unwrap();
-            ok += o;
-            errors += e;
-        }
-        ((ok * ROWS) as f64 / secs, errors)
+            })
+            .collect();
+        closed_loop(workers, secs).await
     })
 }
 
-/// The same loop over gRPC, one HTTP/2 connection per client: rows/s.
+/// The same loop over gRPC, one HTTP/2 connection per client (connected before timing).
 fn grpc(addr: &str, req: ModelInferRequest, secs: f64) -> (f64, usize) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut tasks = Vec::new();
+    runtime().block_on(async {
+        let mut workers = Vec::new();
         for _ in 0..CONNS {
-            let mut client = GrpcInferenceServiceClient::connect(addr.to_string())
+            let client = GrpcInferenceServiceClient::connect(addr.to_string())
                 .await
                 .unwrap()
                 .max_decoding_message_size(usize::MAX);
-            let (req, stop) = (req.clone(), stop.clone());
-            tasks.push(tokio::spawn(async move {
-                let (mut ok, mut errors) = (0usize, 0usize);
-                while !stop.load(Ordering::Relaxed) {
-                    match client.model_infer(req.clone()).await {
-                        Ok(_) => ok += 1,
-                        Err(_) => errors += 1,
-                    }
-                }
-                (ok, errors)
-            }));
+            let req = req.clone();
+            workers.push(move || {
+                let (mut client, req) = (client.clone(), req.clone());
+                async move { client.model_infer(req).await.is_ok() }
+            });
         }
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        stop.store(true, Ordering::Relaxed);
-        let (mut ok, mut errors) = (0, 0);
-        for t in tasks {
-            let (o, e) = t.await.unwrap();
-            ok += o;
-            errors += e;
-        }
-        ((ok * ROWS) as f64 / secs, errors)
+        closed_loop(workers, secs).await
     })
 }
 

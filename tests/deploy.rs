@@ -61,11 +61,7 @@ fn the_deployment_matches_the_server() {
     );
 
     // Probes hit real routes: readiness and startup on /readyz, liveness on /healthz.
-    let routes: BTreeSet<String> = flowserve::api::routes()
-        .into_iter()
-        .filter(|(m, _, _)| *m == "GET")
-        .map(|(_, p, _)| p.to_string())
-        .collect();
+    let routes = get_routes();
     for (probe, path) in [
         ("readinessProbe", "/readyz"),
         ("startupProbe", "/readyz"),
@@ -302,11 +298,7 @@ fn the_kserve_runtime_matches_the_server() {
     );
     let c = &spec["containers"][0];
     assert_eq!(c["name"].as_str(), Some("kserve-container"));
-    let routes: BTreeSet<String> = flowserve::api::routes()
-        .into_iter()
-        .filter(|(m, _, _)| *m == "GET")
-        .map(|(_, p, _)| p.to_string())
-        .collect();
+    let routes = get_routes();
     for (probe, path) in [
         ("readinessProbe", "/v2/health/ready"),
         ("livenessProbe", "/v2/health/live"),

@@ -14,16 +14,6 @@ use serde_json::{json, Value};
 
 const MODELS: [&str; 5] = ["digits", "moons", "shuttle", "wine", "wine_maf"];
 
-fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!(
-            (x - y).abs() <= tol * (1.0 + y.abs()),
-            "{what}[{i}]: {x} vs {y}"
-        );
-    }
-}
-
 /// `n` deterministic rows inside each feature's observed range.
 fn rows(m: &Manifest, n: usize, seed: u64) -> Vec<f32> {
     let d: usize = m.event_shape.iter().product();

@@ -8,16 +8,6 @@ use common::*;
 use flowpack::Direction::{Decode, Encode};
 use serde_json::{json, Value};
 
-fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!(
-            (x - y).abs() <= tol * (1.0 + y.abs()),
-            "{what}[{i}]: {x} vs {y}"
-        );
-    }
-}
-
 fn test_rows(d: usize, n: usize, seed: u64) -> Vec<f32> {
     // Deterministic rows around the data (standardised features are O(1); wine's are not,
     // so scale by the observed range in the manifest instead where it matters).

@@ -190,3 +190,23 @@ pub fn floats(v: &serde_json::Value) -> Vec<f32> {
         other => panic!("not numeric: {other}"),
     }
 }
+
+/// Elementwise |a − b| ≤ tol·(1 + |b|), naming the first element that is not.
+pub fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}[{i}]: {x} vs {y}"
+        );
+    }
+}
+
+/// The router's GET routes.
+pub fn get_routes() -> std::collections::BTreeSet<String> {
+    flowserve::api::routes()
+        .into_iter()
+        .filter(|(m, _, _)| *m == "GET")
+        .map(|(_, p, _)| p.to_string())
+        .collect()
+}

@@ -80,17 +80,24 @@ impl YeoJohnson {
         Ok((z, log_deriv))
     }
 
-    /// The graph of [`YeoJohnson::forward`].
-    fn emit_forward(&self, g: &mut Graph, x: &Value) -> Result<(Value, Value)> {
+    /// The graph of [`YeoJohnson::exponent`], for either direction (ψ keeps the sign):
+    /// the constant 1, sign(v), p and |v|.
+    fn emit_exponent(&self, g: &mut Graph, v: &Value) -> Result<(Value, Value, Value, Value)> {
         let one = g.scalar("one", 1.0);
         let lambda_minus_one = g.tensor(
             "yeo_johnson_lambda_minus_one",
             &self.lambda.affine(1.0, -1.0)?,
         )?;
-        let sign = g.op("Sign", &[x], vec![]);
+        let sign = g.op("Sign", &[v], vec![]);
         let tilt = g.mul(&sign, &lambda_minus_one);
         let p = g.add(&tilt, &one);
-        let abs = g.op("Abs", &[x], vec![]);
+        let abs = g.op("Abs", &[v], vec![]);
+        Ok((one, sign, p, abs))
+    }
+
+    /// The graph of [`YeoJohnson::forward`].
+    fn emit_forward(&self, g: &mut Graph, x: &Value) -> Result<(Value, Value)> {
+        let (one, sign, p, abs) = self.emit_exponent(g, x)?;
         let shifted = g.add(&abs, &one);
         let l = g.op("Log", &[&shifted], vec![]);
         let pl = g.mul(&p, &l);
@@ -150,15 +157,7 @@ impl Bijector for YeoJohnson {
     }
 
     fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value> {
-        let one = g.scalar("one", 1.0);
-        let lambda_minus_one = g.tensor(
-            "yeo_johnson_lambda_minus_one",
-            &self.lambda.affine(1.0, -1.0)?,
-        )?;
-        let sign = g.op("Sign", &[z], vec![]);
-        let tilt = g.mul(&sign, &lambda_minus_one);
-        let p = g.add(&tilt, &one);
-        let abs = g.op("Abs", &[z], vec![]);
+        let (one, sign, p, abs) = self.emit_exponent(g, z)?;
         let scaled = g.mul(&abs, &p);
         let base = g.add(&scaled, &one);
         let log_base = g.op("Log", &[&base], vec![]);
