@@ -13,7 +13,12 @@ RUN apt-get update \
 WORKDIR /src
 COPY . .
 # The ONNX Runtime library from its pinned PyPI wheel (sha256-checked), as `make ort` does.
-RUN scripts/fetch-ort.sh /opt/ort \
+# The crate registry and target folder are build caches, so a rebuild compiles only what
+# changed; debug info is stripped (symbols stay, for backtraces): 111 MB -> 31 MB.
+ENV CARGO_PROFILE_RELEASE_STRIP=debuginfo
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    scripts/fetch-ort.sh /opt/ort \
  && cargo build --release --locked -p flowserve \
  && cp target/release/flowserve /usr/local/bin/flowserve
 

@@ -8,7 +8,7 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
 CARGO ?= cargo
 FLOWTRAIN := target/release/flowtrain
 
-.PHONY: all ort data build serve test test-venv lint unit models bench clean
+.PHONY: all ort data build serve test test-venv lint unit image-check models bench clean
 
 all: build
 
@@ -31,17 +31,27 @@ serve: ort
 	$(CARGO) build --release -p flowserve
 	./target/release/flowserve --models models $(ARGS)
 
-## Everything CI checks: formatting, clippy, and the whole test suite.
-test: ort lint unit
+## Everything CI checks: formatting, clippy, the whole test suite, and the container image
+## (built with podman and run read-only as non-root; IMAGE_CHECK=0 leaves it out on a
+## machine that cannot run containers).
+IMAGE_CHECK ?= 1
+test: ort lint unit $(if $(filter 1,$(IMAGE_CHECK)),image-check)
+
+## Build the Dockerfile with podman (base images assembled from Debian's packages where no
+## registry can be reached) and run it read-only as non-root to a ready /v2/health/ready.
+image-check:
+	scripts/image-check.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## The Python side of the tests (tritonclient, the platform validators) and promtool.
+## The Python side of the tests (tritonclient, the platform validators, checkov) and the
+## Debian tools (promtool, kustomize).
 test-venv:
-	scripts/test-venv.sh .test-venv
-	scripts/fetch-promtool.sh .tools
+	scripts/test-venv.sh .test-venv tests/requirements.txt
+	scripts/test-venv.sh .checkov-venv tests/requirements-checkov.txt
+	scripts/fetch-debian-tools.sh .tools
 
 unit: ort test-venv
 	@if command -v cargo-nextest >/dev/null 2>&1; then \
@@ -71,4 +81,4 @@ bench: ort data
 
 clean:
 	$(CARGO) clean
-	rm -rf .ort runs .test-venv .tools
+	rm -rf .ort runs .test-venv .checkov-venv .tools

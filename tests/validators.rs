@@ -1,7 +1,8 @@
 //! The validators a platform team runs before adopting a service, over deploy/, the alert
-//! rules, openapi.yaml and the Dockerfile: kubernetes-validate --strict, promtool (check and
-//! unit-test the rules), openapi-spec-validator and hadolint. `make test` installs them
-//! (PyPI pins in tests/requirements.txt; promtool from Debian's prometheus package).
+//! rules, openapi.yaml and the Dockerfile: kustomize (renders the overlays),
+//! kubernetes-validate --strict, checkov, promtool (check and unit-test the rules),
+//! openapi-spec-validator and hadolint. `make test` installs them (PyPI pins in
+//! tests/requirements*.txt; promtool and kustomize from Debian's packages).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +18,7 @@ fn tool(relative: &str) -> PathBuf {
     let p = root().join(relative);
     assert!(
         p.exists(),
-        "{} is missing: run `make test` (scripts/test-venv.sh, scripts/fetch-promtool.sh)",
+        "{} is missing: run `make test-venv` (scripts/test-venv.sh, scripts/fetch-debian-tools.sh)",
         p.display()
     );
     p
@@ -35,59 +36,120 @@ fn passes(cmd: &mut Command) -> String {
     text
 }
 
-#[test]
-fn kubernetes_manifests_are_valid_strictly() {
-    let files = [
-        "deploy/base/namespace.yaml",
-        "deploy/base/serviceaccount.yaml",
-        "deploy/base/pvc.yaml",
-        "deploy/base/deployment.yaml",
-        "deploy/base/service.yaml",
-        "deploy/base/pdb.yaml",
-        "deploy/base/networkpolicy.yaml",
-        "deploy/autoscaling/hpa.yaml",
-        "deploy/score-job.yaml",
-    ];
-    let text = passes(
-        Command::new(tool(".test-venv/bin/kubernetes-validate"))
-            .args(["--strict", "-k", "1.33.0"])
-            .args(files),
-    );
-    assert_eq!(
-        text.matches(" passed for resource ").count(),
-        files.len(),
-        "{text}"
-    );
-    // The overlays render and validate too, where kubectl is on the machine (CI has no
-    // kubectl; the raw files above are what the overlays are made of).
-    if Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
+/// `kustomize build` of an overlay (kustomize from Debian, fetched by `make test`).
+fn render(overlay: &str) -> String {
+    let out = Command::new(tool(".tools/kustomize"))
+        .args(["build", &format!("deploy/overlays/{overlay}")])
+        .current_dir(root())
         .output()
-        .is_ok()
-    {
-        for overlay in ["cpu", "gpu"] {
-            let out = Command::new("kubectl")
-                .args(["kustomize", &format!("deploy/overlays/{overlay}")])
-                .current_dir(root())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let dir = tempfile::tempdir().unwrap();
-            let rendered = dir.path().join("rendered.yaml");
-            std::fs::write(&rendered, &out.stdout).unwrap();
-            let text = passes(
-                Command::new(tool(".test-venv/bin/kubernetes-validate"))
-                    .args(["--strict", "-k", "1.33.0"])
-                    .arg(&rendered),
-            );
-            assert!(!text.contains("ERROR"), "{overlay}: {text}");
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kustomize build deploy/overlays/{overlay}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The overlays as they would be applied, and the manifests outside the kustomization.
+const OVERLAYS: [&str; 2] = ["cpu", "gpu"];
+const STANDALONE: [&str; 3] = [
+    "deploy/autoscaling/hpa.yaml",
+    "deploy/score-job.yaml",
+    "deploy/autoscaling/keda-scaledobject.yaml",
+];
+
+#[test]
+fn the_overlays_render_with_a_pinned_image_and_validate_strictly() {
+    let validate = tool(".test-venv/bin/kubernetes-validate");
+    let dir = tempfile::tempdir().unwrap();
+    for (overlay, image) in OVERLAYS.iter().zip([
+        "registry.example.com/flowserve:0.1.0",
+        "registry.example.com/flowserve-gpu:0.1.0",
+    ]) {
+        let rendered = render(overlay);
+        let images: Vec<&str> = rendered
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("image: "))
+            .collect();
+        assert_eq!(images, [image], "{overlay}");
+        assert!(rendered.contains("namespace: flowserve"), "{overlay}");
+        let file = dir.path().join(format!("{overlay}.yaml"));
+        std::fs::write(&file, &rendered).unwrap();
+        let text = passes(
+            Command::new(&validate)
+                .args(["--strict", "-k", "1.33.0"])
+                .arg(&file),
+        );
+        // Every built-in kind validates; only the Prometheus Operator's CRDs have no schema.
+        let kinds =
+            rendered.matches("\nkind: ").count() + usize::from(rendered.starts_with("kind: "));
+        let passed = text.matches(" passed for resource ").count();
+        let unknown = text.matches("Couldn't find schema for kind").count();
+        assert_eq!((passed, unknown), (kinds - 2, 2), "{overlay}: {text}");
+        assert!(!text.contains("ERROR"), "{overlay}: {text}");
+    }
+    let text = passes(
+        Command::new(&validate)
+            .args(["--strict", "-k", "1.33.0"])
+            .args(&STANDALONE[..2]),
+    );
+    assert_eq!(text.matches(" passed for resource ").count(), 2, "{text}");
+}
+
+#[test]
+fn checkov_finds_nothing_unwaived() {
+    // Findings are fixed, or waived in place on the resource (checkov.io/skipN annotations)
+    // with the reason; the waivers must stay the ones reviewed.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(tool(".checkov-venv/bin/checkov"));
+    for overlay in OVERLAYS {
+        let file = dir.path().join(format!("{overlay}.yaml"));
+        std::fs::write(&file, render(overlay)).unwrap();
+        cmd.arg("-f").arg(file);
+    }
+    for f in STANDALONE.iter().chain(&["Dockerfile"]) {
+        cmd.args(["-f", f]);
+    }
+    let text = passes(cmd.args([
+        "--framework",
+        "kubernetes,dockerfile,secrets",
+        "--skip-download",
+        "-o",
+        "json",
+    ]));
+    let reports: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let reports = reports.as_array().cloned().unwrap_or_else(|| vec![reports]);
+    let mut skipped = Vec::new();
+    for r in &reports {
+        let summary = &r["summary"];
+        assert_eq!(
+            summary["failed"], 0,
+            "{}: {}",
+            r["check_type"], r["results"]["failed_checks"]
+        );
+        assert!(summary["passed"].as_u64().unwrap() > 0, "{r}");
+        for c in r["results"]["skipped_checks"].as_array().unwrap() {
+            skipped.push(format!(
+                "{} {}",
+                c["check_id"].as_str().unwrap(),
+                c["resource"].as_str().unwrap()
+            ));
         }
     }
+    skipped.sort();
+    assert_eq!(
+        skipped,
+        [
+            "CKV_K8S_15 Deployment.flowserve.flowserve",
+            "CKV_K8S_15 Deployment.flowserve.flowserve",
+            "CKV_K8S_15 Job.flowserve.flowserve-score",
+            "CKV_K8S_43 Deployment.flowserve.flowserve",
+            "CKV_K8S_43 Deployment.flowserve.flowserve",
+            "CKV_K8S_43 Job.flowserve.flowserve-score",
+        ],
+        "checkov's waivers changed"
+    );
 }
 
 #[test]
