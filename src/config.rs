@@ -81,7 +81,10 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub max_samples_per_request: usize,
-    /// Execution providers in order of preference (cpu, cuda, tensorrt); CPU is the fallback.
+    /// Execution providers in order of preference (cpu, cuda, tensorrt). The CPU is used
+    /// only where listed: `cuda` alone refuses a model whose graphs cannot run wholly on the
+    /// GPU, with the reason; `cuda,cpu` falls back, logged and shown per graph in
+    /// /v1/models and the `flowserve_model_info` labels.
     #[arg(
         long,
         env = "FLOWSERVE_EXECUTION_PROVIDERS",
@@ -89,6 +92,16 @@ pub struct Config {
         default_value = "cpu"
     )]
     pub execution_providers: Vec<Provider>,
+    /// The GPU the CUDA (and TensorRT) provider runs on.
+    #[arg(long, env = "FLOWSERVE_CUDA_DEVICE_ID", default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..))]
+    pub cuda_device_id: i32,
+    /// Most bytes CUDA's memory arena may hold per session (default: no limit).
+    #[arg(long, env = "FLOWSERVE_CUDA_MEMORY_LIMIT_BYTES")]
+    pub cuda_memory_limit_bytes: Option<usize>,
+    /// Allow TF32 matmuls on the GPU: faster on Ampere and later, but scores then differ
+    /// from the CPU's in the third decimal. Off: scores match the CPU to float32 rounding.
+    #[arg(long, env = "FLOWSERVE_CUDA_TF32")]
+    pub cuda_tf32: bool,
     /// Threads of the async runtime (HTTP, JSON, queues); default: one per core but one,
     /// which is left to the engine threads that run inference.
     #[arg(long, env = "FLOWSERVE_WORKER_THREADS", value_parser = clap::value_parser!(u64).range(1..))]

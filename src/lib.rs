@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use flowpack::runtime::SessionOptions;
+use flowpack::runtime::{CudaOptions, SessionOptions};
 
 use crate::api::AppState;
 use crate::batcher::BatchConfig;
@@ -82,6 +82,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         session: SessionOptions {
             intra_threads: config.intra_op_threads,
             providers: config.execution_providers.clone(),
+            cuda: CudaOptions {
+                device_id: config.cuda_device_id,
+                memory_limit: config.cuda_memory_limit_bytes,
+                tf32: config.cuda_tf32,
+            },
         },
         batch: BatchConfig {
             max_batch_rows: config.max_batch_rows as usize,

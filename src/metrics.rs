@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use flowpack::runtime::Provider;
+use flowpack::runtime::{Placement, Provider};
 use flowpack::Direction;
 use prometheus::core::Collector;
 use prometheus::{
@@ -154,7 +154,7 @@ pub struct ModelMetrics {
     tail_probability: Histogram,
     /// The series that say the version is loaded, and their labels: removed when it is
     /// retired, so a swapped-out version no longer shows as loaded.
-    loaded: (IntGaugeVec, GaugeVec, [String; 4]),
+    loaded: (IntGaugeVec, GaugeVec, [String; 6]),
 }
 
 impl ModelMetrics {
@@ -356,7 +356,14 @@ impl Metrics {
                 &r,
                 IntGaugeVec::new(
                     Opts::new("model_info", "Loaded models"),
-                    &["model", "version", "family", "provider"],
+                    &[
+                        "model",
+                        "version",
+                        "family",
+                        "encode_provider",
+                        "decode_provider",
+                        "requested",
+                    ],
                 )
                 .expect("valid gauge"),
             ),
@@ -389,14 +396,16 @@ impl Metrics {
         }
     }
 
-    /// The series of a model version that finished loading in `load` on `providers` (by
-    /// [`Direction::index`]), created at zero so dashboards see the model at once.
+    /// The series of a model version that finished loading in `load`, its graphs placed
+    /// as `placements` (by [`Direction::index`]) of the `requested` providers, created at
+    /// zero so dashboards see the model at once.
     pub fn for_model(
         &self,
         name: &str,
         version: u64,
         family: &str,
-        providers: [Provider; 2],
+        placements: [&Placement; 2],
+        requested: &[Provider],
         load: Duration,
     ) -> ModelMetrics {
         let v = version.to_string();
@@ -423,14 +432,17 @@ impl Metrics {
                     .with_label_values(&[name, Rejection::Cancelled.label()]),
             }
         };
-        let provider = if providers[0] == providers[1] {
-            providers[0].as_str().to_string()
-        } else {
-            format!("{}+{}", providers[0].as_str(), providers[1].as_str())
-        };
-        self.model_info
-            .with_label_values(&[name, &v, family, &provider])
-            .set(1);
+        let requested: Vec<&str> = requested.iter().map(|p| p.as_str()).collect();
+        let info = [
+            name.to_string(),
+            v.clone(),
+            family.to_string(),
+            placements[Direction::Encode.index()].label(),
+            placements[Direction::Decode.index()].label(),
+            requested.join(","),
+        ];
+        let labels: Vec<&str> = info.iter().map(String::as_str).collect();
+        self.model_info.with_label_values(&labels).set(1);
         self.model_load_duration
             .with_label_values(&[name, &v])
             .set(load.as_secs_f64());
@@ -445,12 +457,7 @@ impl Metrics {
             loaded: (
                 self.model_info.clone(),
                 self.model_load_duration.clone(),
-                [
-                    name.to_string(),
-                    v.clone(),
-                    family.to_string(),
-                    provider.clone(),
-                ],
+                info,
             ),
             name: name.to_string(),
             version: v,

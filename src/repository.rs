@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use flowpack::runtime::{GraphSession, Provider, SessionOptions};
+use flowpack::runtime::{GraphSession, Placement, SessionOptions};
 use flowpack::{Cost, Direction, Package};
 use serde::Serialize;
 
@@ -27,7 +27,10 @@ pub struct Model {
     pub package: Package,
     /// Scalars per example.
     pub event_size: usize,
-    providers: [Provider; 2],
+    placements: [Placement; 2],
+    /// Per graph, the providers passed over before its placement, and why (empty unless it
+    /// fell back).
+    passed_over: [Vec<String>; 2],
     /// Its metric series.
     pub metrics: ModelMetrics,
     queues: [Batcher; 2],
@@ -41,9 +44,14 @@ impl Model {
         &self.queues[graph.index()]
     }
 
-    /// The execution provider one graph's session runs on.
-    pub fn provider(&self, graph: Direction) -> Provider {
-        self.providers[graph.index()]
+    /// Where one graph's session runs.
+    pub fn placement(&self, graph: Direction) -> &Placement {
+        &self.placements[graph.index()]
+    }
+
+    /// The providers one graph passed over before its placement, and why.
+    pub fn passed_over(&self, graph: Direction) -> &[String] {
+        &self.passed_over[graph.index()]
     }
 
     /// Closes both queues (what still waits is answered 503) and hands over the engine
@@ -311,21 +319,23 @@ pub async fn load_version(
     let Opened { package, sessions } = tokio::task::spawn_blocking(move || open(&dir, &opts))
         .await
         .map_err(|e| format!("loading panicked: {e}"))??;
-    let providers = sessions.each_ref().map(|s| s.provider);
+    let placements = sessions.each_ref().map(|s| s.placement.clone());
+    let passed_over = sessions.each_ref().map(|s| s.passed_over.clone());
     for (graph, s) in Direction::BOTH.iter().zip(&sessions) {
-        for why in &s.skipped {
+        for why in &s.passed_over {
             tracing::warn!(
                 model = name,
                 version,
                 graph = graph.as_str(),
-                "execution provider passed over: {why}"
+                provider = s.placement.label(),
+                "fell back: {why}"
             );
         }
         tracing::info!(
             model = name,
             version,
             graph = graph.as_str(),
-            provider = s.provider.as_str(),
+            provider = s.placement.label(),
             "session ready"
         );
     }
@@ -341,7 +351,8 @@ pub async fn load_version(
         name,
         version,
         &package.manifest.family,
-        providers,
+        placements.each_ref(),
+        &options.session.providers,
         started.elapsed(),
     );
     let mut threads = Vec::new();
@@ -362,7 +373,8 @@ pub async fn load_version(
         version,
         package,
         event_size,
-        providers,
+        placements,
+        passed_over,
         metrics,
         queues,
         engines: Mutex::new(threads),

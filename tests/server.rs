@@ -733,7 +733,7 @@ async fn every_metric_family_is_there_before_the_first_request_and_parses() {
     }
     assert!(text.contains("flowserve_request_duration_seconds_bucket{endpoint=\"log_prob\",model=\"moons\",version=\"1\",le=\"0.00005\"} 0"));
     assert!(text.contains(
-        "flowserve_model_info{family=\"realnvp\",model=\"wine\",provider=\"cpu\",version=\"1\"} 1"
+        "flowserve_model_info{decode_provider=\"cpu\",encode_provider=\"cpu\",family=\"realnvp\",model=\"wine\",requested=\"cpu\",version=\"1\"} 1"
     ));
     let (s, _) = server
         .post(

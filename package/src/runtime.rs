@@ -73,13 +73,32 @@ impl std::str::FromStr for Provider {
     }
 }
 
+/// Options of the CUDA execution provider (used when `cuda` is listed); the default is GPU 0,
+/// no memory limit, no TF32.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CudaOptions {
+    /// The GPU's index.
+    pub device_id: i32,
+    /// Most bytes the provider's memory arena may hold on the GPU (`None`: no limit).
+    pub memory_limit: Option<usize>,
+    /// TF32 matmuls and convolutions: faster on Ampere and later, but they round inputs to a
+    /// 10-bit mantissa, so scores would differ from the CPU's in the third decimal. Off unless
+    /// asked for.
+    pub tf32: bool,
+}
+
 /// How sessions are built.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
     /// Threads ONNX Runtime may use inside one operator.
     pub intra_threads: usize,
-    /// Execution providers in order of preference; CPU is always the last resort.
+    /// Execution providers in order of preference. The CPU is used only where it is listed:
+    /// without `cpu`, a graph that cannot run wholly on a listed GPU provider is refused;
+    /// with `cpu` after a GPU provider, such a graph falls back (partly, node by node, or
+    /// wholly), and [`GraphSession::passed_over`] says why.
     pub providers: Vec<Provider>,
+    /// CUDA's options.
+    pub cuda: CudaOptions,
 }
 
 impl Default for SessionOptions {
@@ -87,7 +106,36 @@ impl Default for SessionOptions {
         SessionOptions {
             intra_threads: 1,
             providers: vec![Provider::Cpu],
+            cuda: CudaOptions::default(),
         }
+    }
+}
+
+/// Where a graph's session runs: the GPU providers registered on it, in order (none for a
+/// CPU session), and whether ONNX Runtime placed some of its nodes on the CPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// GPU providers, in the order they were registered.
+    pub gpu: Vec<Provider>,
+    /// Whether some (or, with no GPU provider, all) nodes run on the CPU.
+    pub cpu: bool,
+}
+
+impl Placement {
+    /// Wholly on the CPU.
+    pub const CPU: Placement = Placement {
+        gpu: Vec::new(),
+        cpu: true,
+    };
+
+    /// As logs, `/v1/models` and metric labels show it: `cpu`, `cuda`, `cuda+cpu` (some
+    /// nodes on the CPU), `tensorrt+cuda`.
+    pub fn label(&self) -> String {
+        let mut parts: Vec<&str> = self.gpu.iter().map(|p| p.as_str()).collect();
+        if self.cpu {
+            parts.push("cpu");
+        }
+        parts.join("+")
     }
 }
 
@@ -153,54 +201,143 @@ pub fn provider_available(provider: Provider) -> bool {
     }
 }
 
-fn builder(options: &SessionOptions, provider: Provider) -> ort::Result<SessionBuilder> {
-    let env = environment().map_err(|e| ort::Error::new(e.to_string()))?;
-    let b = Session::builder(env)?
-        .with_optimization_level(GraphOptimizationLevel::All)?
-        .with_intra_threads(options.intra_threads.max(1))?;
-    Ok(match provider {
-        Provider::Cpu => b,
-        Provider::Cuda => {
-            b.with_execution_providers([ep::CUDA::default().build().error_on_failure()])?
-        }
-        Provider::Tensorrt => {
-            b.with_execution_providers([ep::TensorRT::default().build().error_on_failure()])?
-        }
-    })
+/// The file name of the loaded library, for messages.
+fn library_name() -> String {
+    library_path()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "the ONNX Runtime library".into())
 }
 
-/// A session over a serialised model, on the first of `options.providers` that the library
-/// offers and that accepts the graph (CPU last); returns the provider used and, for each one
-/// skipped, why.
+/// A GPU provider's error, with what to do where the cause is a common one.
+fn with_hint(error: String) -> String {
+    let hint = if error.contains("cannot open shared object file") {
+        " (a CUDA runtime library is missing: `make ort-gpu CUDA_RUNTIME=1` unpacks them into \
+         .ort-gpu/cuda/, then put that folder on LD_LIBRARY_PATH)"
+    } else if error.contains("no CUDA-capable device") || error.contains("driver") {
+        " (no usable GPU: check nvidia-smi, and that the container was given the GPU)"
+    } else {
+        ""
+    };
+    format!("{}{hint}", error.trim_end())
+}
+
+/// A session builder with `gpu` registered in order (errors on failure, never ignored);
+/// `cpu_nodes: false` makes committing fail if ONNX Runtime would put any node on the CPU.
+fn builder(
+    options: &SessionOptions,
+    gpu: &[Provider],
+    cpu_nodes: bool,
+) -> ort::Result<SessionBuilder> {
+    let env = environment().map_err(|e| ort::Error::new(e.to_string()))?;
+    let mut b = Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::All)?
+        .with_intra_threads(options.intra_threads.max(1))?;
+    let mut eps = Vec::new();
+    for p in gpu {
+        eps.push(match p {
+            Provider::Cuda => {
+                let c = &options.cuda;
+                let mut cuda = ep::CUDA::default()
+                    .with_device_id(c.device_id)
+                    .with_tf32(c.tf32);
+                if let Some(limit) = c.memory_limit {
+                    cuda = cuda.with_memory_limit(limit);
+                }
+                cuda.build().error_on_failure()
+            }
+            Provider::Tensorrt => ep::TensorRT::default()
+                .with_device_id(options.cuda.device_id)
+                .build()
+                .error_on_failure(),
+            Provider::Cpu => continue,
+        });
+    }
+    if !eps.is_empty() {
+        b = b.with_execution_providers(eps)?;
+        if !cpu_nodes {
+            b = b.with_disable_cpu_fallback()?;
+        }
+    }
+    Ok(b)
+}
+
+/// A session over a serialised model on the first of `options.providers` that the library
+/// offers and that accepts the graph; the CPU only where it is listed. Returns where it runs
+/// and, for each provider (or placement) passed over, why.
 fn session_with(
     bytes: &[u8],
     options: &SessionOptions,
-) -> Result<(Session, Provider, Vec<String>), RuntimeError> {
+) -> Result<(Session, Placement, Vec<String>), RuntimeError> {
     environment()?;
-    let mut skipped = Vec::new();
-    let mut order = options.providers.clone();
-    if !order.contains(&Provider::Cpu) {
-        order.push(Provider::Cpu);
-    }
-    for provider in order {
-        if !provider_available(provider) && provider != Provider::Cpu {
-            skipped.push(format!(
-                "{} is not available in this ONNX Runtime build",
-                provider.as_str()
+    let order = &options.providers;
+    let cpu_listed = order.contains(&Provider::Cpu);
+    let mut passed_over = Vec::new();
+    for (i, &provider) in order.iter().enumerate() {
+        if provider == Provider::Cpu {
+            return match builder(options, &[], true).and_then(|mut b| b.commit_from_memory(bytes)) {
+                Ok(s) => Ok((s, Placement::CPU, passed_over)),
+                Err(e) => Err(RuntimeError::Refused(e.to_string())),
+            };
+        }
+        if !provider_available(provider) {
+            passed_over.push(format!(
+                "{} is not in this ONNX Runtime build ({}); `make ort-gpu` fetches the CUDA build",
+                provider.as_str(),
+                library_name()
             ));
             continue;
         }
-        match builder(options, provider).and_then(|mut b| b.commit_from_memory(bytes)) {
-            Ok(s) => return Ok((s, provider, skipped)),
-            Err(e) if provider != Provider::Cpu => {
-                skipped.push(format!("{}: {e}", provider.as_str()))
+        // The GPU providers from here on, as ONNX Runtime chains them (TensorRT hands what it
+        // cannot take to CUDA).
+        let gpu: Vec<Provider> = order[i..]
+            .iter()
+            .copied()
+            .filter(|p| *p != Provider::Cpu && provider_available(*p))
+            .collect();
+        let whole = builder(options, &gpu, false).and_then(|mut b| b.commit_from_memory(bytes));
+        let why = match whole {
+            Ok(s) => {
+                let placement = Placement { gpu, cpu: false };
+                return Ok((s, placement, passed_over));
             }
-            Err(e) => return Err(RuntimeError::Refused(e.to_string())),
+            Err(e) => with_hint(e.to_string()),
+        };
+        if !cpu_listed {
+            passed_over.push(format!("{}: {why}", provider.as_str()));
+            continue;
+        }
+        // The CPU is listed: let ONNX Runtime keep the nodes the GPU cannot run on the CPU.
+        match builder(options, &gpu, true).and_then(|mut b| b.commit_from_memory(bytes)) {
+            Ok(s) => {
+                passed_over.push(format!(
+                    "{}: not every node runs on it ({why}); the rest run on the CPU",
+                    provider.as_str()
+                ));
+                return Ok((s, Placement { gpu, cpu: true }, passed_over));
+            }
+            Err(e) => passed_over.push(format!(
+                "{}: {}",
+                provider.as_str(),
+                with_hint(e.to_string())
+            )),
         }
     }
-    Err(RuntimeError::Refused(
-        "no execution provider could load the graph".into(),
-    ))
+    let listed: Vec<&str> = order.iter().map(|p| p.as_str()).collect();
+    Err(RuntimeError::Refused(if passed_over.is_empty() {
+        "no execution provider is listed".into()
+    } else {
+        format!(
+            "no listed execution provider ({}) can run the graph{}: {}",
+            listed.join(","),
+            if cpu_listed {
+                ""
+            } else {
+                " (cpu is not listed, so there is no fallback)"
+            },
+            passed_over.join("; ")
+        )
+    }))
 }
 
 /// One graph in an ONNX Runtime session, run on row-major float32 rows: the one way every
@@ -213,10 +350,11 @@ pub struct GraphSession {
     shape: Vec<usize>,
     outputs: Vec<String>,
     widths: Vec<usize>,
-    /// The provider the session runs on.
-    pub provider: Provider,
-    /// Providers tried before it, and why each was passed over.
-    pub skipped: Vec<String>,
+    /// Where the session runs.
+    pub placement: Placement,
+    /// Providers (or placements) tried before it, and why each was passed over: empty
+    /// unless the graph fell back.
+    pub passed_over: Vec<String>,
 }
 
 impl GraphSession {
@@ -252,15 +390,15 @@ impl GraphSession {
                 &shape[1..]
             )));
         }
-        let (session, provider, skipped) = session_with(bytes, options)?;
+        let (session, placement, passed_over) = session_with(bytes, options)?;
         Ok(GraphSession {
             session,
             input: input.name.clone(),
             shape,
             outputs: outputs.iter().map(|o| o.name.clone()).collect(),
             widths: outputs.iter().map(|o| o.event().iter().product()).collect(),
-            provider,
-            skipped,
+            placement,
+            passed_over,
         })
     }
 

@@ -243,7 +243,7 @@ struct Summary<'a> {
     domain: &'a Domain,
     metrics: &'a Metrics,
     cost: Costs,
-    execution_providers: Providers,
+    execution_providers: Providers<'a>,
     reference: Option<ReferenceSummary<'a>>,
     scoring: ScoringSummary<'a>,
 }
@@ -278,10 +278,28 @@ struct Costs {
     decode: Cost,
 }
 
+/// Where each graph runs (`cpu`, `cuda`, `cuda+cpu` when some nodes stay on the CPU), and
+/// for a graph that fell back, the providers passed over and why.
 #[derive(Serialize)]
-struct Providers {
-    encode: &'static str,
-    decode: &'static str,
+struct Providers<'a> {
+    encode: String,
+    decode: String,
+    #[serde(skip_serializing_if = "Fallbacks::is_empty")]
+    fallbacks: Fallbacks<'a>,
+}
+
+#[derive(Serialize)]
+struct Fallbacks<'a> {
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    encode: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    decode: &'a [String],
+}
+
+impl Fallbacks<'_> {
+    fn is_empty(&self) -> bool {
+        self.encode.is_empty() && self.decode.is_empty()
+    }
 }
 
 fn summary(m: &Model) -> Summary<'_> {
@@ -298,8 +316,12 @@ fn summary(m: &Model) -> Summary<'_> {
             decode: man.graphs.decode.cost,
         },
         execution_providers: Providers {
-            encode: m.provider(Direction::Encode).as_str(),
-            decode: m.provider(Direction::Decode).as_str(),
+            encode: m.placement(Direction::Encode).label(),
+            decode: m.placement(Direction::Decode).label(),
+            fallbacks: Fallbacks {
+                encode: m.passed_over(Direction::Encode),
+                decode: m.passed_over(Direction::Decode),
+            },
         },
         reference: man
             .reference

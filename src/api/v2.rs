@@ -54,6 +54,14 @@ enum View {
 impl View {
     const SUFFIXES: [(&'static str, View); 2] =
         [(".decode", View::Decode), (".sample", View::Sample)];
+
+    /// The graph this view runs.
+    fn graph(self) -> Direction {
+        match self {
+            View::Encode => Direction::Encode,
+            View::Decode | View::Sample => Direction::Decode,
+        }
+    }
 }
 
 /// `{name}` and, on versioned routes, `{version}`.
@@ -121,6 +129,9 @@ pub(crate) struct Metadata {
     pub inputs: Vec<TensorMeta>,
     /// What it returns.
     pub outputs: Vec<TensorMeta>,
+    /// Where its graph runs (`cpu`, `cuda`, `cuda+cpu`): an extension field of the REST
+    /// metadata; gRPC's `ModelMetadataResponse` has no place for it.
+    pub execution_provider: String,
 }
 
 /// The metadata of v2 model `name` (at `version`, if given).
@@ -139,6 +150,7 @@ pub(crate) fn describe(
         platform: PLATFORM,
         inputs,
         outputs,
+        execution_provider: model.placement(view.graph()).label(),
     })
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use flowpack::runtime::Provider;
+use flowpack::runtime::{Placement, Provider};
 use flowpack::Direction;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -70,7 +70,14 @@ struct StandIn {
 impl StandIn {
     fn start(max_batch_rows: usize, max_queue_rows: usize, fail_on: Option<f32>) -> StandIn {
         let metrics = Metrics::new()
-            .for_model("stand_in", 1, "test", [Provider::Cpu; 2], Duration::ZERO)
+            .for_model(
+                "stand_in",
+                1,
+                "test",
+                [&Placement::CPU; 2],
+                &[Provider::Cpu],
+                Duration::ZERO,
+            )
             .queue(Direction::Encode);
         let (seen_tx, seen) = mpsc::unbounded_channel();
         let gate = Arc::new(Gate::default());
@@ -290,7 +297,14 @@ async fn an_engine_error_fails_its_batch_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_engine_fails_the_batch_and_keeps_serving() {
     let metrics = Metrics::new()
-        .for_model("panics", 1, "test", [Provider::Cpu; 2], Duration::ZERO)
+        .for_model(
+            "panics",
+            1,
+            "test",
+            [&Placement::CPU; 2],
+            &[Provider::Cpu],
+            Duration::ZERO,
+        )
         .queue(Direction::Encode);
     let armed = Arc::new(AtomicBool::new(true));
     let run = move |rows: &[f32]| {
@@ -319,7 +333,14 @@ async fn a_panicking_engine_fails_the_batch_and_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delay_fills_the_batch_and_a_full_batch_does_not_wait() {
     let metrics = Metrics::new()
-        .for_model("delay", 1, "test", [Provider::Cpu; 2], Duration::ZERO)
+        .for_model(
+            "delay",
+            1,
+            "test",
+            [&Placement::CPU; 2],
+            &[Provider::Cpu],
+            Duration::ZERO,
+        )
         .queue(Direction::Encode);
     let run = |rows: &[f32]| {
         let (a, b) = expected(rows);

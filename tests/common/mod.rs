@@ -51,15 +51,34 @@ impl Server {
     }
 
     pub fn start_owned(repo: &Path, args: &[&str], keep: Option<tempfile::TempDir>) -> Server {
+        Self::spawn(repo, args, keep, Stdio::null(), "warn")
+    }
+
+    /// Starts flowserve with JSON logs at `info` into the returned file.
+    pub fn start_logged(repo: &Path, args: &[&str]) -> (Server, tempfile::NamedTempFile) {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let mut all = vec!["--log-format", "json"];
+        all.extend_from_slice(args);
+        let server = Self::spawn(repo, &all, None, log.reopen().unwrap().into(), "info");
+        (server, log)
+    }
+
+    fn spawn(
+        repo: &Path,
+        args: &[&str],
+        keep: Option<tempfile::TempDir>,
+        stderr: Stdio,
+        log_level: &str,
+    ) -> Server {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_flowserve"))
             .arg("--models")
             .arg(repo)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_level)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let server = Server {
