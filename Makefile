@@ -8,7 +8,7 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
 CARGO ?= cargo
 FLOWTRAIN := target/release/flowtrain
 
-.PHONY: all ort ort-gpu serve-gpu data build serve test test-venv lint unit image-check models bench clean
+.PHONY: all ort ort-gpu serve-gpu data build serve test test-venv lint unit image-check image-check-gpu models bench clean
 
 all: build
 
@@ -56,6 +56,11 @@ test: ort lint unit $(if $(filter 1,$(IMAGE_CHECK)),image-check)
 ## registry can be reached) and run it read-only as non-root to a ready /v2/health/ready.
 image-check:
 	scripts/image-check.sh
+
+## The same for the Dockerfile's gpu target (1.5 GB of CUDA wheels); without a GPU it checks
+## that the models are refused for want of a GPU, not of a library.
+image-check-gpu:
+	scripts/image-check.sh --gpu
 
 lint:
 	$(CARGO) fmt --all -- --check

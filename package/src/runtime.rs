@@ -211,7 +211,10 @@ fn library_name() -> String {
 
 /// A GPU provider's error, with what to do where the cause is a common one.
 fn with_hint(error: String) -> String {
-    let hint = if error.contains("cannot open shared object file") {
+    let hint = if error.contains("libcuda.so") {
+        " (no NVIDIA driver here: libcuda.so.1 comes with the driver, or into a container with \
+         the NVIDIA container toolkit or the Kubernetes device plugin)"
+    } else if error.contains("cannot open shared object file") {
         " (a CUDA runtime library is missing: `make ort-gpu CUDA_RUNTIME=1` unpacks them into \
          .ort-gpu/cuda/, then put that folder on LD_LIBRARY_PATH)"
     } else if error.contains("no CUDA-capable device") || error.contains("driver") {
