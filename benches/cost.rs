@@ -32,23 +32,6 @@ fn get_json(url: &str) -> Value {
     rt.block_on(async { reqwest::get(url).await.unwrap().json().await.unwrap() })
 }
 
-fn post_json(url: &str, body: &Value) -> Value {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let r = reqwest::Client::new()
-            .post(url)
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{url}: {}", r.status());
-        r.json().await.unwrap()
-    })
-}
-
 fn graph_kb(models: &Path, name: &str, version: u64, file: &str) -> u64 {
     let path = models.join(name).join(version.to_string()).join(file);
     std::fs::metadata(path).map(|m| m.len() / 1024).unwrap_or(0)

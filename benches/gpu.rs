@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{cpu_name, flag_value, load_with, server_binary, start_server, write_section};
+use common::{
+    cpu_name, flag_value, load_with, post_json, server_binary, start_server, write_section,
+};
 use flowpack::runtime::{GraphSession, Provider, SessionOptions};
 use flowpack::{Direction, Package};
 use serde_json::{json, Value};
@@ -100,25 +102,6 @@ fn floats(v: &Value) -> Vec<f32> {
         Value::Number(n) => vec![n.as_f64().unwrap() as f32],
         _ => panic!("not numbers: {v}"),
     }
-}
-
-fn post(base: &str, path: &str, body: &Value) -> Value {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let r = reqwest::Client::new()
-            .post(format!("{base}{path}"))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let v: Value = r.json().await.unwrap();
-        assert!(status.is_success(), "{path}: {status} {v}");
-        v
-    })
 }
 
 /// Rows per second of `session` on `n`-row batches, over about `secs`.
@@ -254,22 +237,19 @@ fn main() {
         )
         .unwrap();
         let want = enc.run(x).unwrap();
-        let lp = post(
-            &gpu,
-            "/log_prob",
+        let lp = post_json(
+            &format!("{gpu}/log_prob"),
             &json!({"model": name, "inputs": rows_json(x, &shape)}),
         );
         let e_lp = error(&floats(&lp["log_prob"]), &want[1]);
-        let z = post(
-            &gpu,
-            "/encode",
+        let z = post_json(
+            &format!("{gpu}/encode"),
             &json!({"model": name, "inputs": rows_json(x, &shape)}),
         );
         let e_z = error(&floats(&z["latents"]), &want[0]);
         let want_x = dec.run(&want[0]).unwrap();
-        let d = post(
-            &gpu,
-            "/decode",
+        let d = post_json(
+            &format!("{gpu}/decode"),
             &json!({"model": name, "latents": rows_json(&want[0], &shape)}),
         );
         let e_x = error(&floats(&d["samples"]), &want_x[0]);

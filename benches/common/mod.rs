@@ -46,6 +46,26 @@ pub fn wait_ready(url: &str) {
     panic!("{url} never became ready");
 }
 
+/// `POST url` with a JSON body; panics with the status and body unless it succeeds.
+pub fn post_json(url: &str, body: &serde_json::Value) -> serde_json::Value {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(url)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert!(status.is_success(), "{url}: {status} {text}");
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
 /// A closed-loop load: `conns` clients each sending `body` back to back for `secs`, on one
 /// client thread.
 pub fn load(url: &str, body: &serde_json::Value, rows: usize, conns: usize, secs: f64) -> Load {
