@@ -289,6 +289,13 @@ struct Opened {
 /// Checks the package and builds and warms both sessions (blocking work).
 fn open(dir: &Path, options: &LoadOptions) -> Result<Opened, String> {
     let package = Package::open(dir).map_err(|e| e.to_string())?;
+    if let Some(c) = &package.manifest.context {
+        let names: Vec<&str> = c.columns.iter().map(|c| c.name.as_str()).collect();
+        return Err(format!(
+            "a conditional model p(x | {}): this server does not serve context inputs yet",
+            names.join(", ")
+        ));
+    }
     let session = |d: Direction| -> Result<GraphSession, String> {
         let graph = package.manifest.graphs.get(d);
         let path = package.path(&graph.file);

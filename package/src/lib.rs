@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+mod context;
 mod error;
 pub mod image;
 mod manifest;
@@ -20,6 +21,7 @@ mod reference;
 pub mod runtime;
 pub mod sampling;
 
+pub use context::{ContextColumn, ContextKind, ContextSpec, ContextValue};
 pub use error::PackageError;
 pub use manifest::{
     signature, Base, Contributions, Cost, Dim, Direction, Domain, Graph, Graphs, Manifest, Metrics,

@@ -23,6 +23,9 @@ pub mod signature {
     /// Per-feature terms summing to `log_prob`: the third output of `encode.onnx` for models
     /// with exact contributions ([`crate::Contributions::Exact`]).
     pub const LOG_PROB_TERMS: &str = "log_prob_terms";
+    /// The context of a conditional flow: the second input of both graphs
+    /// ([`crate::ContextSpec`]).
+    pub const CONTEXT: &str = "context";
 }
 
 /// One of a package's two graphs.
@@ -72,6 +75,10 @@ pub struct Manifest {
     pub base: Base,
     /// The two graphs.
     pub graphs: Graphs,
+    /// The context of a conditional flow p(x | c): both graphs then take it as a second
+    /// input. Absent for unconditional flows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<crate::ContextSpec>,
     /// What a client must send.
     pub domain: Domain,
     /// Held-out quality.
@@ -115,14 +122,23 @@ impl Graphs {
 
     /// The package signatures for `event`: `encode.onnx` maps `x[N, ...event]` to
     /// `z[N, ...event], log_prob[N]` (and `log_prob_terms[N, D]` when `terms`),
-    /// `decode.onnx` maps `z` to `x`.
+    /// `decode.onnx` maps `z` to `x`; with `context` values per row (a conditional flow),
+    /// both also take `context[N, context]` as their second input.
     pub fn standard(
         event: &[usize],
         encode_sha256: String,
         decode_sha256: String,
         cost: [Cost; 2],
         terms: bool,
+        context: usize,
     ) -> Graphs {
+        let inputs = |first: &str| {
+            let mut v = vec![TensorSpec::batched(first, event)];
+            if context > 0 {
+                v.push(TensorSpec::batched(signature::CONTEXT, &[context]));
+            }
+            v
+        };
         let mut outputs = vec![
             TensorSpec::batched(signature::LATENT, event),
             TensorSpec::batched(signature::LOG_PROB, &[]),
@@ -135,14 +151,14 @@ impl Graphs {
             encode: Graph {
                 file: ENCODE_FILE.into(),
                 sha256: encode_sha256,
-                inputs: vec![TensorSpec::batched(signature::DATA, event)],
+                inputs: inputs(signature::DATA),
                 outputs,
                 cost: cost[0],
             },
             decode: Graph {
                 file: DECODE_FILE.into(),
                 sha256: decode_sha256,
-                inputs: vec![TensorSpec::batched(signature::LATENT, event)],
+                inputs: inputs(signature::LATENT),
                 outputs: vec![TensorSpec::batched(signature::DATA, event)],
                 cost: cost[1],
             },

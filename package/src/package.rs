@@ -132,12 +132,16 @@ impl Manifest {
         let event = &self.event_shape;
         let d: usize = event.iter().product();
         let order = self.scoring.contributions.order();
+        if let Some(problem) = self.context.as_ref().and_then(|c| c.problem()) {
+            return bad(problem);
+        }
         let standard = Graphs::standard(
             event,
             String::new(),
             String::new(),
             [Cost::OnePass; 2],
             order.is_some(),
+            self.context.as_ref().map_or(0, |c| c.width()),
         );
         if let Some(order) = order {
             let mut sorted = order.to_vec();
@@ -156,10 +160,14 @@ impl Manifest {
             let (inputs, outputs) = (&expected.inputs, &expected.outputs);
             if graph.inputs != *inputs || graph.outputs != *outputs {
                 return bad(format!(
-                    "{field} must map {} to {}, as event_shape {:?} implies; it says {} to {}",
+                    "{field} must map {} to {}, as event_shape {:?} and {} imply; it says {} to {}",
                     show(inputs),
                     show(outputs),
                     event,
+                    match &self.context {
+                        Some(c) => format!("{} context columns", c.width()),
+                        None => "no context".into(),
+                    },
                     show(&graph.inputs),
                     show(&graph.outputs)
                 ));

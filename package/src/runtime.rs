@@ -348,9 +348,8 @@ fn session_with(
 /// direct runs, the benchmarks' in-process ceiling).
 pub struct GraphSession {
     session: Session,
-    input: String,
-    /// `[N, ...event]` of the input, `N` rewritten per run.
-    shape: Vec<usize>,
+    /// Input names and their `[N, ...event]` shapes, `N` rewritten per run.
+    inputs: Vec<(String, Vec<usize>)>,
     outputs: Vec<String>,
     widths: Vec<usize>,
     /// Where the session runs.
@@ -374,30 +373,36 @@ impl GraphSession {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        GraphSession::new(&bytes, &graph.inputs[0], &graph.outputs, options)
+        GraphSession::new(&bytes, &graph.inputs, &graph.outputs, options)
     }
 
-    /// A serialised graph with one float32 input and float32 outputs, each `[N, ...]`.
+    /// A serialised graph with float32 inputs and outputs, each `[N, ...]`.
     pub fn new(
         bytes: &[u8],
-        input: &TensorSpec,
+        inputs: &[TensorSpec],
         outputs: &[TensorSpec],
         options: &SessionOptions,
     ) -> Result<GraphSession, RuntimeError> {
-        let mut shape = vec![0];
-        shape.extend(input.event());
-        if shape[1..].contains(&0) {
-            return Err(RuntimeError::Refused(format!(
-                "input {} has an empty row shape {:?}",
-                input.name,
-                &shape[1..]
-            )));
+        if inputs.is_empty() {
+            return Err(RuntimeError::Refused("the graph has no inputs".into()));
+        }
+        let mut shapes = Vec::new();
+        for input in inputs {
+            let mut shape = vec![0];
+            shape.extend(input.event());
+            if shape[1..].contains(&0) {
+                return Err(RuntimeError::Refused(format!(
+                    "input {} has an empty row shape {:?}",
+                    input.name,
+                    &shape[1..]
+                )));
+            }
+            shapes.push((input.name.clone(), shape));
         }
         let (session, placement, passed_over) = session_with(bytes, options)?;
         Ok(GraphSession {
             session,
-            input: input.name.clone(),
-            shape,
+            inputs: shapes,
             outputs: outputs.iter().map(|o| o.name.clone()).collect(),
             widths: outputs.iter().map(|o| o.event().iter().product()).collect(),
             placement,
@@ -405,9 +410,18 @@ impl GraphSession {
         })
     }
 
-    /// Scalars per input row.
+    /// Scalars per row of the first input (the data or the latent).
     pub fn input_width(&self) -> usize {
-        self.shape[1..].iter().product()
+        self.input_widths()[0]
+    }
+
+    /// Scalars per row of each input, in signature order (a conditional flow's second is
+    /// its context).
+    pub fn input_widths(&self) -> Vec<usize> {
+        self.inputs
+            .iter()
+            .map(|(_, s)| s[1..].iter().product())
+            .collect()
     }
 
     /// Scalars per output row, per output in signature order.
@@ -415,23 +429,42 @@ impl GraphSession {
         &self.widths
     }
 
-    /// Runs `rows` (row-major, [`GraphSession::input_width`] values per row) and returns each
-    /// output, row-major.
+    /// Runs `rows` (row-major, [`GraphSession::input_width`] values per row) through a
+    /// graph of one input and returns each output, row-major.
     pub fn run(&mut self, rows: &[f32]) -> Result<Vec<Vec<f32>>, RuntimeError> {
-        let width = self.input_width();
-        if !rows.len().is_multiple_of(width) {
+        self.run_inputs(&[rows])
+    }
+
+    /// Runs one row-major array per input (the same number of rows each) and returns each
+    /// output, row-major.
+    pub fn run_inputs(&mut self, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        if inputs.len() != self.inputs.len() {
             return Err(RuntimeError::Run(format!(
-                "{} values are not whole rows of {width}",
-                rows.len()
+                "the graph takes {} inputs, {} were given",
+                self.inputs.len(),
+                inputs.len()
             )));
         }
-        self.shape[0] = rows.len() / width;
-        let n = self.shape[0];
-        let tensor = TensorRef::from_array_view((self.shape.clone(), rows))
-            .map_err(|e| RuntimeError::Run(e.to_string()))?;
+        let widths = self.input_widths();
+        let n = inputs[0].len() / widths[0];
+        for ((rows, &width), (name, _)) in inputs.iter().zip(&widths).zip(&self.inputs) {
+            if rows.len() != n * width {
+                return Err(RuntimeError::Run(format!(
+                    "{name}: {} values are not {n} rows of {width}",
+                    rows.len()
+                )));
+            }
+        }
+        let mut feeds = Vec::with_capacity(inputs.len());
+        for (rows, (name, shape)) in inputs.iter().zip(&mut self.inputs) {
+            shape[0] = n;
+            let tensor = TensorRef::from_array_view((shape.clone(), *rows))
+                .map_err(|e| RuntimeError::Run(e.to_string()))?;
+            feeds.push((name.as_str(), tensor));
+        }
         let result = self
             .session
-            .run(ort::inputs![self.input.as_str() => tensor])
+            .run(feeds)
             .map_err(|e| RuntimeError::Run(e.to_string()))?;
         self.outputs
             .iter()

@@ -69,12 +69,14 @@ fn write_package(dir: &Path) -> Manifest {
             sha256_hex(&dec),
             [Cost::OnePass; 2],
             false,
+            0,
         ),
         domain: Domain {
             features: Some(vec!["a".into(), "b".into()]),
             ..Default::default()
         },
         metrics: Metrics::default(),
+        context: None,
         reference: None,
         scoring: Scoring::default(),
         training: Training::default(),

@@ -164,6 +164,9 @@ pub struct ModelConfig {
     pub lu: bool,
     /// Image families: the factored-out channels' Gaussian is learned from the remaining half.
     pub learned_prior: bool,
+    /// Conditional flows: units of a learned context embedding (a two-layer MLP over the
+    /// encoded context) that the conditioners see instead of the encoded context; 0: none.
+    pub context_embedding: usize,
 }
 
 impl ModelConfig {
@@ -203,6 +206,7 @@ impl Default for ModelConfig {
             additive: false,
             lu: true,
             learned_prior: false,
+            context_embedding: 0,
         }
     }
 }
@@ -276,6 +280,11 @@ pub struct DataConfig {
     pub dataset: String,
     /// CSV columns to leave out (labels, ids).
     pub drop_columns: Vec<String>,
+    /// Context columns of a conditional flow p(x | c), taken out of the features:
+    /// `name`, `name:numeric` or `name:categorical` (a bare name is numeric if every value
+    /// is a number, categorical otherwise). Built-in tables also offer their label
+    /// (`quality` for wine, `label` for the digit and garment sets).
+    pub context: Vec<String>,
     /// Uniform dequantisation of integer-valued columns (training only).
     pub dequantize: Dequantize,
     /// Fit a standardisation on the training split and export it with the flow.
@@ -297,6 +306,7 @@ impl Default for DataConfig {
         DataConfig {
             dataset: "moons".into(),
             drop_columns: Vec::new(),
+            context: Vec::new(),
             dequantize: Dequantize::Auto,
             standardize: true,
             power_transform: false,
@@ -369,6 +379,14 @@ impl Config {
         anyhow::ensure!(
             d.toy_samples >= 100,
             "data.toy_samples must be at least 100"
+        );
+        anyhow::ensure!(
+            d.context.is_empty() || t.teacher.is_none(),
+            "distillation (train.teacher) of conditional flows is not supported yet"
+        );
+        anyhow::ensure!(
+            m.context_embedding == 0 || !d.context.is_empty(),
+            "model.context_embedding needs context columns (data.context)"
         );
         Ok(())
     }

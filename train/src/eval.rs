@@ -23,12 +23,34 @@ pub fn to_tensor(values: Vec<f32>, dim: usize) -> candle_core::Result<Tensor> {
 const EVAL_CHUNK_ELEMENTS: usize = 1 << 18;
 
 /// log p of every row of `values` (row-major, `flow.dim` per row), in chunks, averaged over
-/// `ensemble` mask sets.
-pub fn log_prob_rows(flow: &Flow, values: &[f32], ensemble: usize) -> Result<Vec<f32>> {
+/// `ensemble` mask sets; a conditional flow's rows are conditioned on `context`
+/// (row-major, [`Flow::context_width`] per row; empty for an unconditional flow).
+pub fn log_prob_rows(
+    flow: &Flow,
+    values: &[f32],
+    context: &[f32],
+    ensemble: usize,
+) -> Result<Vec<f32>> {
     let rows = (EVAL_CHUNK_ELEMENTS / flow.dim).clamp(1, 4096);
-    let mut out = Vec::with_capacity(values.len() / flow.dim);
-    for chunk in values.chunks(rows * flow.dim) {
-        let lp = flow.ensemble_log_prob(&to_tensor(chunk.to_vec(), flow.dim)?, ensemble)?;
+    let cw = flow.context_width();
+    let n = values.len() / flow.dim;
+    anyhow::ensure!(
+        context.len() == n * cw,
+        "{} context values for {n} rows of a flow taking {cw} per row",
+        context.len()
+    );
+    let mut out = Vec::with_capacity(n);
+    for (i, chunk) in values.chunks(rows * flow.dim).enumerate() {
+        let c = match cw {
+            0 => None,
+            _ => {
+                let m = chunk.len() / flow.dim;
+                let part = &context[i * rows * cw..(i * rows + m) * cw];
+                Some(to_tensor(part.to_vec(), cw)?)
+            }
+        };
+        let x = to_tensor(chunk.to_vec(), flow.dim)?;
+        let lp = flow.ensemble_log_prob(&x, c.as_ref(), ensemble)?;
         out.extend(lp.to_vec1::<f32>()?);
     }
     Ok(out)
@@ -51,7 +73,7 @@ pub fn mean_nll(
         dequantized,
         &mut ChaCha8Rng::seed_from_u64(noise_seed),
     );
-    let lp = log_prob_rows(flow, &values, ensemble)?;
+    let lp = log_prob_rows(flow, &values, &table.context, ensemble)?;
     let total: f64 = lp.iter().map(|&v| v as f64).sum();
     Ok(-total / table.rows() as f64)
 }
@@ -64,7 +86,7 @@ pub fn reverse_kl(flow: &Flow, teacher: &Flow, n: usize, seed: u64) -> Result<f6
     for chunk in z.chunks(4096 * dim) {
         let rows = chunk.len() / dim;
         let z = to_tensor(chunk.to_vec(), dim)?;
-        let kl = flow.reverse_kl(teacher, &z, &Ctx::EVAL)?;
+        let kl = flow.reverse_kl(teacher, &z, None, &Ctx::EVAL)?;
         total += kl.to_scalar::<f32>()? as f64 * rows as f64;
     }
     Ok(total / n as f64)

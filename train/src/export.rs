@@ -67,7 +67,15 @@ pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
         event_shape: event.clone(),
         dtype: "float32".into(),
         base: flow.base.clone(),
-        graphs: Graphs::standard(&event, encode_sha, decode_sha, flow.costs(), terms),
+        graphs: Graphs::standard(
+            &event,
+            encode_sha,
+            decode_sha,
+            flow.costs(),
+            terms,
+            flow.context_width(),
+        ),
+        context: flow.context.as_ref().map(|c| c.spec.clone()),
         domain: Domain {
             quantized: info
                 .features
@@ -96,14 +104,20 @@ pub fn export(flow: &Flow, info: ExportInfo, dir: &Path) -> Result<Manifest> {
     // A package left by an earlier export must not keep a stale reference set.
     let _ = std::fs::remove_file(dir.join(flowpack::REFERENCE_FILE));
     manifest.write(dir)?;
-    calibrate(dir, &info.reference.values, &info.reference_source)
+    calibrate(
+        dir,
+        &info.reference.values,
+        &info.reference.context,
+        &info.reference_source,
+    )
 }
 
-/// Scores `rows` (row-major, the package's features) with the package's encode graph and
-/// stores their log-densities as its reference set; returns the updated manifest.
-pub fn calibrate(dir: &Path, rows: &[f32], source: &str) -> Result<Manifest> {
+/// Scores `rows` (row-major, the package's features, with their raw `context` for a
+/// conditional package) with the package's encode graph and stores their log-densities as
+/// its reference set; returns the updated manifest.
+pub fn calibrate(dir: &Path, rows: &[f32], context: &[f32], source: &str) -> Result<Manifest> {
     let mut runner = crate::runtime::PackageRunner::open(dir)?;
-    let lp = runner.log_prob(rows)?;
+    let lp = runner.log_prob(rows, context)?;
     let bad = lp.iter().filter(|v| !v.is_finite()).count();
     anyhow::ensure!(
         bad == 0,

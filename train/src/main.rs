@@ -162,6 +162,14 @@ struct TrainArgs {
     /// CSV columns to leave out, comma-separated.
     #[arg(long, value_delimiter = ',')]
     drop_columns: Option<Vec<String>>,
+    /// Context columns for a conditional flow p(x | context), comma-separated: `name`,
+    /// `name:numeric` or `name:categorical` (built-in tables offer their label too:
+    /// `quality` for wine, `label` for digits/mnist/fashion_mnist).
+    #[arg(long, value_delimiter = ',')]
+    context: Option<Vec<String>>,
+    /// Conditional flows: units of a learned embedding of the context (0: none).
+    #[arg(long)]
+    context_embedding: Option<usize>,
     /// Dequantise integer-valued columns (training only).
     #[arg(long, value_enum)]
     dequantize: Option<Dequantize>,
@@ -197,6 +205,9 @@ struct SampleArgs {
     /// Seed (default: fresh entropy, printed).
     #[arg(long)]
     seed: Option<u64>,
+    /// A conditional model's context for every sample: `name=value`, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    context: Vec<String>,
     /// Output: .csv (a header of feature names) or .png (a scatter plot of 2-D models, a grid
     /// of image samples).
     #[arg(long)]
@@ -236,7 +247,8 @@ fn config_for(a: &TrainArgs) -> Result<Config> {
         c.model.order_agnostic => a.order_agnostic, c.model.masks => a.masks,
         c.model.connectivity_agnostic => a.connectivity_agnostic, c.model.ensemble => a.ensemble,
         c.model.levels => a.levels, c.model.additive => a.additive, c.model.lu => a.lu,
-        c.model.learned_prior => a.learned_prior,
+        c.model.learned_prior => a.learned_prior, c.data.context => a.context,
+        c.model.context_embedding => a.context_embedding,
     );
     if let Some(t) = &a.teacher {
         c.train.teacher = Some(t.display().to_string());
@@ -333,7 +345,6 @@ fn train(a: TrainArgs) -> Result<()> {
 fn eval(a: EvalArgs) -> Result<()> {
     let mut runner = PackageRunner::open(&a.model)?;
     let m = runner.package.manifest.clone();
-    let features = m.domain.features.clone().unwrap_or_default();
     let config: Config = serde_json::from_value(m.training.config.clone())
         .context("the manifest's training.config is not a flowtrain configuration")?;
     let dataset = a
@@ -347,13 +358,8 @@ fn eval(a: EvalArgs) -> Result<()> {
         let splits = data::load(&dc, config.train.seed)?;
         (splits.test, format!("{dataset} test split"))
     } else {
-        let columns = if dataset.ends_with(".csv") {
-            Columns::Select(&features)
-        } else {
-            Columns::Drop(&[])
-        };
         (
-            data::read_table(&dataset, columns)?,
+            read_package_rows(&dataset, &m)?,
             format!("{dataset} (all rows)"),
         )
     };
@@ -365,7 +371,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         );
     }
     let nll = |values: &[f32], runner: &mut PackageRunner| -> Result<f64> {
-        let lp = runner.log_prob(values)?;
+        let lp = runner.log_prob(values, &table.context)?;
         Ok(-lp.iter().map(|&v| v as f64).sum::<f64>() / table.rows() as f64)
     };
     println!(
@@ -403,16 +409,30 @@ fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// The rows of a `.csv` (the package's feature columns, and its context columns for a
+/// conditional package) or `.npy` file (all columns) for a package.
+fn read_package_rows(path: &str, m: &flowpack::Manifest) -> Result<data::Table> {
+    let features = m.domain.features.clone().unwrap_or_default();
+    if !path.ends_with(".csv") {
+        if m.context.is_some() {
+            bail!("{path}: a conditional model's rows come from a CSV file naming its context columns");
+        }
+        return data::read_table(path, Columns::Drop(&[]));
+    }
+    let table = data::read_table(path, Columns::Select(&features))?;
+    let Some(spec) = &m.context else {
+        return Ok(table);
+    };
+    let names: Vec<String> = spec.columns.iter().map(|c| c.name.clone()).collect();
+    let cells = data::read_csv_cells(Path::new(path), &names)?;
+    let values = data::context::graph_values(spec, &cells).with_context(|| path.to_string())?;
+    table.with_context(spec.width(), values)
+}
+
 fn calibrate(a: CalibrateArgs) -> Result<()> {
     let package = flowpack::Package::open(&a.model)?;
-    let features = package.manifest.domain.features.clone().unwrap_or_default();
     let path = a.data.display().to_string();
-    let columns = if path.ends_with(".csv") {
-        Columns::Select(&features)
-    } else {
-        Columns::Drop(&[])
-    };
-    let table = data::read_table(&path, columns)?;
+    let table = read_package_rows(&path, &package.manifest)?;
     if table.dim != package.event_size() {
         bail!(
             "{path} has {} columns but the model takes {}",
@@ -423,7 +443,7 @@ fn calibrate(a: CalibrateArgs) -> Result<()> {
     let source = a
         .source
         .unwrap_or_else(|| format!("{} rows of {path}", table.rows()));
-    let manifest = flowtrain::export::calibrate(&a.model, &table.values, &source)?;
+    let manifest = flowtrain::export::calibrate(&a.model, &table.values, &table.context, &source)?;
     let r = manifest.reference.as_ref().expect("just written");
     println!(
         "reference    {} rows ({}), {}",
@@ -466,7 +486,8 @@ fn sample(a: SampleArgs) -> Result<()> {
     let dim = runner.package.event_size();
     let seed = a.seed.unwrap_or_else(rand::random);
     let z = latent_noise(a.num_samples, dim, a.temperature, seed);
-    let x = runner.decode(&z)?;
+    let context = sample_context(&a.context, &runner.package.manifest)?;
+    let x = runner.decode(&z, &context.repeat(a.num_samples))?;
     let names = runner
         .package
         .manifest
@@ -489,6 +510,45 @@ fn sample(a: SampleArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// The raw context row of `--context name=value,...` for a conditional package (every
+/// column named once), or nothing for an unconditional one.
+fn sample_context(pairs: &[String], m: &flowpack::Manifest) -> Result<Vec<f32>> {
+    let Some(spec) = &m.context else {
+        if !pairs.is_empty() {
+            bail!("--context: this model is unconditional");
+        }
+        return Ok(Vec::new());
+    };
+    let mut cells = vec![None; spec.width()];
+    for p in pairs {
+        let Some((name, value)) = p.split_once('=') else {
+            bail!("--context {p:?}: write name=value");
+        };
+        let Some((j, _)) = spec.column(name) else {
+            bail!("--context: the model has no context column {name:?}");
+        };
+        cells[j] = Some(vec![value.to_string()]);
+    }
+    let cells: Vec<Vec<String>> = cells
+        .into_iter()
+        .zip(&spec.columns)
+        .map(|(c, col)| {
+            c.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--context: this model is conditional; give {}=... (every context column: {})",
+                    col.name,
+                    spec.columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+        })
+        .collect::<Result<_>>()?;
+    data::context::graph_values(spec, &cells).context("--context")
 }
 
 fn write_samples(out: &Path, ext: &str, names: &[String], x: &[f32], dim: usize) -> Result<()> {

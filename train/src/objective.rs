@@ -119,7 +119,8 @@ impl<'a> Objective<'a> {
                 ..
             } => {
                 let dim = data.train.dim;
-                let mut values = data.train.select_values(&batches.rows(step));
+                let rows = batches.rows(step);
+                let mut values = data.train.select_values(&rows);
                 dequantize(
                     &mut values,
                     dim,
@@ -127,7 +128,11 @@ impl<'a> Objective<'a> {
                     &mut seeds::batch_noise(seed, step),
                 );
                 let x = to_tensor(values, dim)?;
-                flow.log_prob(&x, &Ctx::train(mask_set))?
+                let c = match data.train.context_dim {
+                    0 => None,
+                    w => Some(to_tensor(data.train.select_context(&rows), w)?),
+                };
+                flow.log_prob(&x, c.as_ref(), &Ctx::train(mask_set))?
                     .mean_all()?
                     .neg()?
             }
@@ -135,7 +140,7 @@ impl<'a> Objective<'a> {
                 // Batch norm stays a learned affine map: there are no data batches here.
                 let z = latent_noise(*batch, flow.dim, 1.0, seeds::distill_step(seed, step));
                 let z = to_tensor(z, flow.dim)?;
-                flow.reverse_kl(teacher, &z, &Ctx::eval(mask_set))?
+                flow.reverse_kl(teacher, &z, None, &Ctx::eval(mask_set))?
             }
         })
     }

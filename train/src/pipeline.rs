@@ -40,6 +40,11 @@ pub fn build(config: &Config, data: &Splits) -> Result<(Flow, Params, Vec<f32>)>
     let deq = data::quantization_steps(&config.data, &data.train);
     let params = Params::new(config.train.seed);
     let t = &data.train;
+    let context = data.context.clone().map(|mut spec| {
+        spec.embedding =
+            (config.model.context_embedding > 0).then_some(config.model.context_embedding);
+        spec
+    });
     let flow = if config.model.family.is_image() {
         let Some(shape) = data.image else {
             anyhow::bail!(
@@ -55,7 +60,7 @@ pub fn build(config: &Config, data: &Splits) -> Result<(Flow, Params, Vec<f32>)>
             low: lo - step / 2.0,
             high: hi + step / 2.0,
         };
-        Flow::build(&config.model, &shape, pre, &params)?
+        Flow::build(&config.model, &shape, pre, &params, context)?
     } else {
         let standardize = config.data.standardize.then(|| {
             let mut s = data::standardization(t, &deq);
@@ -69,7 +74,7 @@ pub fn build(config: &Config, data: &Splits) -> Result<(Flow, Params, Vec<f32>)>
             Some(s) => Preprocess::Standardize(s),
             None => Preprocess::None,
         };
-        Flow::build(&config.model, &[t.dim], pre, &params)?
+        Flow::build(&config.model, &[t.dim], pre, &params, context)?
     };
     Ok((flow, params, deq))
 }
@@ -152,6 +157,7 @@ pub fn train_and_export(
     }
     let mut reference = data.val.clone();
     reference.values.extend_from_slice(&data.test.values);
+    reference.context.extend_from_slice(&data.test.context);
     let manifest = export(
         &flow,
         ExportInfo {
@@ -273,12 +279,14 @@ pub fn load_run(dir: &Path) -> Result<LoadedRun> {
 }
 
 /// Values of exp(log p) on a `res × res` grid over `win`, rows from top to bottom, the
-/// density averaged over `ensemble` mask sets.
+/// density averaged over `ensemble` mask sets; a conditional flow's density given the raw
+/// context row `context` (empty for an unconditional flow).
 pub fn density_grid(
     flow: &Flow,
     win: [(f64, f64); 2],
     res: usize,
     ensemble: usize,
+    context: &[f32],
 ) -> Result<Vec<f32>> {
     let mut pts = Vec::with_capacity(res * res * 2);
     for r in 0..res {
@@ -289,20 +297,43 @@ pub fn density_grid(
             pts.push(y as f32);
         }
     }
+    let c = match context.len() {
+        0 => None,
+        w => Some(to_tensor(context.repeat(res * res), w)?),
+    };
     let lp = flow
-        .ensemble_log_prob(&to_tensor(pts, 2)?, ensemble)?
+        .ensemble_log_prob(&to_tensor(pts, 2)?, c.as_ref(), ensemble)?
         .exp()?;
     Ok(lp.to_vec1::<f32>()?)
 }
 
+/// The 2-D density, its samples and the test data side by side; a conditional flow's
+/// given the first test row's context, beside the test rows that share it.
 fn density_plot(flow: &Flow, data: &Splits, config: &Config, path: &Path) -> Result<()> {
-    let win = plot::window(&data.test.values);
+    let test = &data.test;
+    let (context, shown) = match test.context_dim {
+        0 => (Vec::new(), test.values.clone()),
+        w => {
+            let first = test.context[..w].to_vec();
+            let shown = (0..test.rows())
+                .filter(|&r| test.context[r * w..(r + 1) * w] == first[..])
+                .flat_map(|r| test.row(r).to_vec())
+                .collect();
+            (first, shown)
+        }
+    };
+    let win = plot::window(&test.values);
     let res = 150;
-    let density = density_grid(flow, win, res, config.model.ensemble)?;
-    let z = latent_noise(5000, 2, 1.0, seeds::plot_samples(config.train.seed));
+    let density = density_grid(flow, win, res, config.model.ensemble, &context)?;
+    let n = 5000;
+    let z = latent_noise(n, 2, 1.0, seeds::plot_samples(config.train.seed));
+    let c = match context.len() {
+        0 => None,
+        w => Some(to_tensor(context.repeat(n), w)?),
+    };
     let samples = flow
-        .decode(&to_tensor(z, 2)?, &Ctx::EVAL)?
+        .decode(&to_tensor(z, 2)?, c.as_ref(), &Ctx::EVAL)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    plot::density_panels(&data.test.values, &density, res, &samples, win, path)
+    plot::density_panels(&shown, &density, res, &samples, win, path)
 }

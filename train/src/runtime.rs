@@ -1,5 +1,8 @@
 //! A package's two graphs on CPU sessions (for `eval`, `sample` and parity tests), through
 //! [`flowpack::runtime::GraphSession`].
+//!
+//! Every method takes the rows' raw context beside them: row-major, the manifest's context
+//! width per row, and empty for an unconditional package.
 
 use std::path::Path;
 
@@ -15,6 +18,15 @@ pub struct PackageRunner {
     decode: GraphSession,
 }
 
+/// Runs `session` on `rows` and, for a conditional package, their `context`.
+fn run(session: &mut GraphSession, rows: &[f32], context: &[f32]) -> Result<Vec<Vec<f32>>> {
+    Ok(if context.is_empty() {
+        session.run(rows)?
+    } else {
+        session.run_inputs(&[rows, context])?
+    })
+}
+
 impl PackageRunner {
     /// Opens and checks a package folder, then starts both sessions.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -27,33 +39,55 @@ impl PackageRunner {
         })
     }
 
-    /// `(z, log_prob)` for row-major `x`.
-    pub fn encode(&mut self, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
-        let mut out = self.encode.run(x)?.into_iter();
+    /// Raw context values per row (0: an unconditional package).
+    pub fn context_width(&self) -> usize {
+        self.package
+            .manifest
+            .context
+            .as_ref()
+            .map_or(0, |c| c.width())
+    }
+
+    /// `(z, log_prob)` for row-major `x` given `context`.
+    pub fn encode(&mut self, x: &[f32], context: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut out = run(&mut self.encode, x, context)?.into_iter();
         let z = out.next().expect("z");
         Ok((z, out.next().expect("log_prob")))
     }
 
-    /// `(log_prob, log_prob_terms)` for row-major `x`; the terms (row-major `[N, D]`) only
-    /// for packages with exact contributions.
-    pub fn log_prob_terms(&mut self, x: &[f32]) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-        let mut out = self.encode.run(x)?.into_iter().skip(1);
+    /// `(log_prob, log_prob_terms)` for row-major `x` given `context`; the terms (row-major
+    /// `[N, D]`) only for packages with exact contributions.
+    pub fn log_prob_terms(
+        &mut self,
+        x: &[f32],
+        context: &[f32],
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let mut out = run(&mut self.encode, x, context)?.into_iter().skip(1);
         let lp = out.next().expect("log_prob");
         Ok((lp, out.next()))
     }
 
-    /// log_prob of row-major `x`, run in chunks of 4096 rows.
-    pub fn log_prob(&mut self, x: &[f32]) -> Result<Vec<f32>> {
-        let width = self.package.event_size() * 4096;
-        let mut lp = Vec::with_capacity(x.len() / self.package.event_size());
-        for chunk in x.chunks(width) {
-            lp.extend(self.encode(chunk)?.1);
+    /// log_prob of row-major `x` given `context`, run in chunks of 4096 rows.
+    pub fn log_prob(&mut self, x: &[f32], context: &[f32]) -> Result<Vec<f32>> {
+        const ROWS: usize = 4096;
+        let (d, cw) = (self.package.event_size(), self.context_width());
+        let n = x.len() / d;
+        anyhow::ensure!(
+            context.len() == n * cw,
+            "{} context values for {n} rows of a package taking {cw} per row",
+            context.len()
+        );
+        let mut lp = Vec::with_capacity(n);
+        for (i, chunk) in x.chunks(ROWS * d).enumerate() {
+            let m = chunk.len() / d;
+            let c = &context[i * ROWS * cw..(i * ROWS + m) * cw];
+            lp.extend(self.encode(chunk, c)?.1);
         }
         Ok(lp)
     }
 
-    /// `x` for row-major `z`.
-    pub fn decode(&mut self, z: &[f32]) -> Result<Vec<f32>> {
-        Ok(self.decode.run(z)?.remove(0))
+    /// `x` for row-major `z` given `context`.
+    pub fn decode(&mut self, z: &[f32], context: &[f32]) -> Result<Vec<f32>> {
+        Ok(run(&mut self.decode, z, context)?.remove(0))
     }
 }

@@ -145,6 +145,7 @@ fn additive_coupling_all_masks() {
             2,
             Activation::Relu,
             Elementwise::Shift,
+            0,
         )
         .unwrap();
         randomize(&p, 100 + k as u64, 0.5);
@@ -162,7 +163,7 @@ fn affine_coupling_all_masks_and_activations() {
     ];
     for (k, (mask, flip, act)) in cases.into_iter().enumerate() {
         let p = Params::new(k as u64);
-        let b = Coupling::rows(&p, 5, mask, flip, 16, 2, act, affine(3.0)).unwrap();
+        let b = Coupling::rows(&p, 5, mask, flip, 16, 2, act, affine(3.0), 0).unwrap();
         randomize(&p, 200 + k as u64, 0.5);
         check_bijector(&b, 5, 30 + k as u64);
     }
@@ -180,6 +181,7 @@ fn affine_coupling_starts_as_identity() {
         1,
         Activation::Relu,
         affine(3.0),
+        0,
     )
     .unwrap();
     let x = random_rows(16, 4, 1);
@@ -200,6 +202,7 @@ fn affine_coupling_log_scale_is_bounded() {
         1,
         Activation::Relu,
         affine(2.0),
+        0,
     )
     .unwrap();
     randomize(&p, 5, 50.0);
@@ -293,7 +296,7 @@ fn batch_norm_ignores_non_finite_batches() {
 fn made(order: Vec<usize>, seed: u64) -> (Params, Made) {
     let p = Params::new(seed);
     let d = order.len();
-    let m = Made::new(&p, d, &[16, 16], Activation::Relu, order, 3.0, seed)
+    let m = Made::new(&p, d, &[16, 16], Activation::Relu, order, 3.0, seed, 0)
         .unwrap()
         .agnostic(Agnostic {
             order: true,
@@ -343,7 +346,7 @@ fn made_is_autoregressive_in_its_order() {
                 .map(|i| order.iter().position(|&o| o == i).unwrap())
                 .collect();
             let x = Var::from_tensor(&tensor(&random_rows(4, 6, seed), 6)).unwrap();
-            let (mu, alpha) = m.conditionals(x.as_tensor(), set).unwrap();
+            let (mu, alpha) = m.conditionals(x.as_tensor(), set, None).unwrap();
             let mut connected = 0;
             for (what, out) in [("mu", &mu), ("alpha", &alpha)] {
                 for i in 0..6 {

@@ -69,7 +69,7 @@ fn log_marginal(
         }
         grid.extend_from_slice(&r);
     }
-    let lp = runner.log_prob(&grid).unwrap();
+    let lp = runner.log_prob(&grid, &[]).unwrap();
     let max = lp.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = lp.iter().map(|&v| (v as f64 - max).exp()).sum();
     max + (sum * volume).ln()
@@ -88,7 +88,7 @@ fn check_terms(config: &Config, dir: &Path, range: &[(f64, f64)], res: usize, ro
     let d = order.len();
     let mut runner = PackageRunner::open(dir).unwrap();
     let flat: Vec<f32> = rows.concat();
-    let (lp, terms) = runner.log_prob_terms(&flat).unwrap();
+    let (lp, terms) = runner.log_prob_terms(&flat, &[]).unwrap();
     let terms = terms.expect("a log_prob_terms output");
     for (i, row) in rows.iter().enumerate() {
         let t = &terms[i * d..(i + 1) * d];
@@ -182,6 +182,6 @@ fn flows_without_an_exact_decomposition_say_why() {
         let outputs = &package.manifest.graphs.encode.outputs;
         assert_eq!(outputs.len(), 2, "no log_prob_terms output");
         let mut runner = PackageRunner::open(&dir).unwrap();
-        assert!(runner.log_prob_terms(&[0.0, 0.0]).unwrap().1.is_none());
+        assert!(runner.log_prob_terms(&[0.0, 0.0], &[]).unwrap().1.is_none());
     }
 }

@@ -56,13 +56,22 @@ fn train_export_compare(config: &Config, dir: &Path) {
 
     let test: &Table = &data.test;
     let d = test.dim;
-    let want = to_vec(&flow.log_prob(&tensor(&test.values, d), &Ctx::EVAL).unwrap());
+    let want = to_vec(
+        &flow
+            .log_prob(&tensor(&test.values, d), None, &Ctx::EVAL)
+            .unwrap(),
+    );
     let mut runner = PackageRunner::open(dir).unwrap();
-    let (z, got) = runner.encode(&test.values).unwrap();
+    let (z, got) = runner.encode(&test.values, &[]).unwrap();
     assert_close(&got, &want, 1e-4, 1e-4, "exported log_prob vs candle");
-    let cz = to_vec(&flow.encode(&tensor(&test.values, d), &Ctx::EVAL).unwrap().0);
+    let cz = to_vec(
+        &flow
+            .encode(&tensor(&test.values, d), None, &Ctx::EVAL)
+            .unwrap()
+            .0,
+    );
     assert_close(&z, &cz, 1e-4, 1e-4, "exported z vs candle");
-    let back = runner.decode(&z).unwrap();
+    let back = runner.decode(&z, &[]).unwrap();
     assert_close(
         &back,
         &test.values,
@@ -75,7 +84,7 @@ fn train_export_compare(config: &Config, dir: &Path) {
     let set = package.reference.as_ref().expect("a reference set");
     let mut held_out = data.val.values.clone();
     held_out.extend_from_slice(&test.values);
-    let served = runner.log_prob(&held_out).unwrap();
+    let served = runner.log_prob(&held_out, &[]).unwrap();
     assert_eq!(set.len() as usize, served.len());
     let mut sorted = served.clone();
     sorted.sort_by(f32::total_cmp);
@@ -153,7 +162,7 @@ fn realnvp_on_moons_integrates_to_one() {
         }
     }
     let mut runner = PackageRunner::open(dir.path()).unwrap();
-    let (_, lp) = runner.encode(&grid).unwrap();
+    let (_, lp) = runner.encode(&grid, &[]).unwrap();
     let mass: f64 = lp.iter().map(|&v| (v as f64).exp()).sum::<f64>() * dx * dy;
     assert!((mass - 1.0).abs() <= 0.02, "density integrates to {mass}");
 }
@@ -230,7 +239,7 @@ fn order_agnostic_maf_ensemble_integrates_to_one() {
     for k in 0..4 {
         let lp = to_vec(
             &run.flow
-                .log_prob(&tensor(&run.data.test.values, 2), &Ctx::eval(k))
+                .log_prob(&tensor(&run.data.test.values, 2), None, &Ctx::eval(k))
                 .unwrap(),
         );
         orders.insert(lp.iter().map(|v| v.to_bits()).take(4).collect::<Vec<_>>());
@@ -238,7 +247,7 @@ fn order_agnostic_maf_ensemble_integrates_to_one() {
     // In 2-D each MADE has two orders (and hidden degrees are all 1), so sets may repeat.
     assert!(orders.len() >= 2, "the mask sets are different models");
     let (win, res) = ([(-4.0, 5.0), (-4.0, 4.5)], 500);
-    let density = density_grid(&run.flow, win, res, 4).unwrap();
+    let density = density_grid(&run.flow, win, res, 4, &[]).unwrap();
     let cell = (9.0 / res as f64) * (8.5 / res as f64);
     let mass: f64 = density.iter().map(|&p| p as f64).sum::<f64>() * cell;
     assert!(
@@ -295,10 +304,10 @@ fn iaf_distilled_from_a_maf_teacher() {
     let z = flowpack::sampling::latent_noise(4096, 2, 1.0, 12345);
     let mut student = PackageRunner::open(dir.path()).unwrap();
     let mut teacher_graphs = PackageRunner::open(teacher_dir.path()).unwrap();
-    let x = student.decode(&z).unwrap();
-    let (z_back, log_q) = student.encode(&x).unwrap();
+    let x = student.decode(&z, &[]).unwrap();
+    let (z_back, log_q) = student.encode(&x, &[]).unwrap();
     assert_close(&z_back, &z, 1e-3, 1e-3, "student encode(decode(z))");
-    let (_, log_p) = teacher_graphs.encode(&x).unwrap();
+    let (_, log_p) = teacher_graphs.encode(&x, &[]).unwrap();
     let kl = log_q
         .iter()
         .zip(&log_p)

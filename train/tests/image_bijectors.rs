@@ -231,6 +231,7 @@ fn conv_coupling_all_masks_affine_and_additive() {
                     8,
                     flowtrain::nn::Activation::Relu,
                     map,
+                    0,
                 )
                 .unwrap();
                 randomize(&p, 100 + k, 0.3);
@@ -251,6 +252,7 @@ fn conv_coupling_keeps_its_mask_and_starts_as_a_fixed_map() {
         8,
         flowtrain::nn::Activation::Relu,
         Elementwise::SigmoidAffine,
+        0,
     )
     .unwrap();
     let x = random_rows(4, 32, 9);
@@ -310,6 +312,7 @@ fn factor_out_runs_deeper_levels_on_half_the_channels() {
             4,
             flowtrain::nn::Activation::Relu,
             Elementwise::SigmoidAffine,
+            0,
         )
         .unwrap(),
     );

@@ -12,6 +12,10 @@
 //!
 //! The conditioner's last layer starts at zero, so a coupling starts as the identity (or,
 //! with `SigmoidAffine`, as a fixed scaling by sigmoid(2)).
+//!
+//! A conditional coupling's network also sees the context ([`Ctx::context`]): appended to
+//! the kept features of rows, or as extra constant channels of an image (one per context
+//! value, as in class-conditional Glow).
 
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -80,6 +84,44 @@ impl Partition {
                 log_scale.broadcast_mul(moved)?.flatten_from(1)?.sum(1)
             }
         }
+    }
+
+    /// The conditioner's input: the kept part with the context `[N, K]` appended (as
+    /// columns of rows, or as `K` constant channels of images).
+    fn with_context(&self, kept: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let Some(c) = context else {
+            return Ok(kept.clone());
+        };
+        match self {
+            Partition::Split(_) => Tensor::cat(&[kept, c], 1),
+            Partition::Image { .. } => {
+                let (n, _, h, w) = kept.dims4()?;
+                let k = c.dim(1)?;
+                let planes = c.reshape((n, k, 1, 1))?.broadcast_as((n, k, h, w))?;
+                Tensor::cat(&[kept, &planes.contiguous()?], 1)
+            }
+        }
+    }
+
+    fn emit_with_context(
+        &self,
+        g: &mut Graph,
+        kept: &Value,
+        context: Option<Value>,
+    ) -> Result<Value> {
+        let Some(c) = context else {
+            return Ok(kept.clone());
+        };
+        Ok(match self {
+            Partition::Split(_) => g.concat(&[kept, &c], 1),
+            Partition::Image { keep, .. } => {
+                let (_, _, h, w) = keep.dims4()?;
+                let planes = g.reshape(&c, &[0, -1, 1, 1]);
+                let ones = g.constant("context_plane", &vec![1f32; h * w], &[1, 1, h, w]);
+                let planes = g.mul(&planes, &ones);
+                g.concat(&[kept, &planes], 1)
+            }
+        })
     }
 
     fn emit_split(&self, g: &mut Graph, x: &Value) -> Result<(Value, Value)> {
@@ -254,17 +296,19 @@ impl Elementwise {
 /// A coupling layer: partition × conditioner × elementwise map.
 pub struct Coupling {
     part: Partition,
-    /// The conditioner: the map's parameters from the kept part. A context vector, when
-    /// flows become conditional, joins its input.
+    /// The conditioner: the map's parameters from the kept part (and the context).
     net: Net,
     map: Elementwise,
     /// Moved elements per row (rows) or channels (images): the size of a parameter block.
     moved: usize,
+    /// Context values per row the conditioner takes (0: unconditional).
+    context: usize,
 }
 
 impl Coupling {
     /// A coupling over rows of `dim` features divided by `mask` (`flip` swaps the parts),
-    /// with an MLP conditioner of `hidden_layers` layers of `hidden` units.
+    /// with an MLP conditioner of `hidden_layers` layers of `hidden` units that also takes
+    /// `context` context values (0: unconditional).
     #[allow(clippy::too_many_arguments)]
     pub fn rows(
         p: &Params,
@@ -275,11 +319,12 @@ impl Coupling {
         hidden_layers: usize,
         activation: Activation,
         map: Elementwise,
+        context: usize,
     ) -> Result<Self> {
         check_map(map)?;
         let split = Split::new(dim, mask, flip)?;
         let moved = split.trans.len();
-        let mut sizes = vec![split.cond.len()];
+        let mut sizes = vec![split.cond.len() + context];
         sizes.extend(std::iter::repeat_n(hidden, hidden_layers));
         sizes.push(map.params() * moved);
         let net = Net::mlp(&p.pp("net"), &sizes, activation, true)?;
@@ -288,11 +333,14 @@ impl Coupling {
             net,
             map,
             moved,
+            context,
         })
     }
 
     /// A coupling over `[c, h, w]` images divided by `mask` (`flip` swaps the parts), with
-    /// a `hidden`-channel convolutional conditioner.
+    /// a `hidden`-channel convolutional conditioner that also takes `context` context
+    /// values as constant channels (0: unconditional).
+    #[allow(clippy::too_many_arguments)]
     pub fn image(
         p: &Params,
         shape: [usize; 3],
@@ -301,6 +349,7 @@ impl Coupling {
         hidden: usize,
         activation: Activation,
         map: Elementwise,
+        context: usize,
     ) -> Result<Self> {
         check_map(map)?;
         let [c, h, w] = shape;
@@ -322,7 +371,7 @@ impl Coupling {
             })
             .collect();
         let keep = Tensor::from_vec(keep, (1, c, h, w), &Device::Cpu)?;
-        let net = Net::conv(p, c, hidden, map.params() * c, activation, true)?;
+        let net = Net::conv(p, c + context, hidden, map.params() * c, activation, true)?;
         Ok(Coupling {
             part: Partition::Image {
                 moved: (keep.ones_like()? - &keep)?,
@@ -331,6 +380,7 @@ impl Coupling {
             net,
             map,
             moved: c,
+            context,
         })
     }
 }
@@ -358,9 +408,10 @@ impl Bijector for Coupling {
         }
     }
 
-    fn encode(&self, x: &Tensor, _: &Ctx) -> Result<(Tensor, Tensor)> {
+    fn encode(&self, x: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)> {
         let (kept, moved) = self.part.split(x)?;
-        let h = self.net.forward(&kept)?;
+        let c = cx.context_for(self.context, x.dim(0)?)?;
+        let h = self.net.forward(&self.part.with_context(&kept, c)?)?;
         let (y, log_scale) = self.map.forward(&moved, &h)?;
         let ld = match log_scale {
             Some(ls) => self.part.log_det(&ls)?,
@@ -369,18 +420,21 @@ impl Bijector for Coupling {
         Ok((self.part.join(&kept, &y)?, ld))
     }
 
-    fn decode(&self, z: &Tensor, _: &Ctx) -> Result<Tensor> {
+    fn decode(&self, z: &Tensor, cx: &Ctx) -> Result<Tensor> {
         let (kept, moved) = self.part.split(z)?;
-        let h = self.net.forward(&kept)?;
+        let c = cx.context_for(self.context, z.dim(0)?)?;
+        let h = self.net.forward(&self.part.with_context(&kept, c)?)?;
         let x = self.map.inverse(&moved, &h)?;
         self.part.join(&kept, &x)
     }
 
     fn emit_encode(&self, g: &mut Graph, x: &Value) -> Result<(Value, LogDet)> {
         let (kept, moved) = self.part.emit_split(g, x)?;
+        let c = g.context_for(self.context)?;
+        let input = self.part.emit_with_context(g, &kept, c)?;
         let h = self
             .net
-            .emit(g, &kept, self.map.fold(self.moved).as_ref())?;
+            .emit(g, &input, self.map.fold(self.moved).as_ref())?;
         let (y, log_scale) = self.map.emit_forward(g, &moved, &h);
         let ld = match log_scale {
             Some(ls) => LogDet::Rows(self.part.emit_log_det(g, &ls)?),
@@ -391,9 +445,11 @@ impl Bijector for Coupling {
 
     fn emit_decode(&self, g: &mut Graph, z: &Value) -> Result<Value> {
         let (kept, moved) = self.part.emit_split(g, z)?;
+        let c = g.context_for(self.context)?;
+        let input = self.part.emit_with_context(g, &kept, c)?;
         let h = self
             .net
-            .emit(g, &kept, self.map.fold(self.moved).as_ref())?;
+            .emit(g, &input, self.map.fold(self.moved).as_ref())?;
         let x = self.map.emit_inverse(g, &moved, &h);
         self.part.emit_join(g, &kept, &x)
     }

@@ -11,6 +11,11 @@
 //! sets. [`Ctx::mask_set`] picks mask set k — a seeded input order and/or seeded hidden
 //! degrees — so the trainer can draw one per minibatch and the evaluator can average
 //! densities over several. Mask set 0 is the configured order: the one exported.
+//!
+//! A conditional MADE adds `c·Vₗ` to every layer's pre-activation, hidden and output
+//! alike, with unmasked context weights `Vₗ`: the context reaches every unit — even the
+//! first feature's μ and α, which see no hidden unit — and never an input of the wrong
+//! degree, so the masks stay autoregressive in x for every c.
 
 use std::sync::{Arc, Mutex};
 
@@ -30,6 +35,8 @@ pub struct Made {
     dim: usize,
     hidden: Vec<usize>,
     layers: Vec<(Var, Var)>,
+    /// Per layer, the unmasked context weights `[K, width]` (empty when unconditional).
+    context: Vec<Var>,
     activation: Activation,
     clamp: f64,
     base_order: Vec<usize>,
@@ -43,6 +50,9 @@ pub struct Made {
     /// changes).
     last: Mutex<Option<(u64, Arc<Masks>)>>,
 }
+
+/// A layer's masked weight and its bias (`[N, width]` when the context term is folded in).
+type EmittedLayer = (Value, Value);
 
 /// Which parts of the connectivity mask sets k ≥ 1 redraw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -114,8 +124,10 @@ fn masks(order: &[usize], hidden: &[usize], seed: u64) -> Result<Vec<Tensor>> {
 
 impl Made {
     /// A MADE over `dim` features with the given hidden widths; `order[k]` is the feature
-    /// that comes k-th; hidden degrees are drawn from `seed`. The output layer starts at
-    /// zero, so the bijector starts as the identity.
+    /// that comes k-th; hidden degrees are drawn from `seed`; `context` context values per
+    /// row feed every layer (0: unconditional). The output layer starts at zero, so the
+    /// bijector starts as the identity.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         p: &Params,
         dim: usize,
@@ -124,6 +136,7 @@ impl Made {
         order: Vec<usize>,
         clamp: f64,
         seed: u64,
+        context: usize,
     ) -> Result<Self> {
         if order.len() != dim || {
             let mut o = order.clone();
@@ -136,11 +149,13 @@ impl Made {
         widths.extend(hidden);
         widths.push(2 * dim);
         let mut layers = Vec::new();
+        let mut context_weights = Vec::new();
         for l in 0..widths.len() - 1 {
             let lp = p.pp(format!("masked{l}"));
             let (i, o) = (widths[l], widths[l + 1]);
             // The output layer starts at zero, so the bijector starts as the identity.
-            layers.push(if l + 2 < widths.len() {
+            let last = l + 2 == widths.len();
+            layers.push(if !last {
                 let bound = 1.0 / (i as f64).sqrt();
                 (
                     lp.uniform("weight", (i, o), bound)?,
@@ -149,6 +164,14 @@ impl Made {
             } else {
                 (lp.zeros("weight", (i, o))?, lp.zeros("bias", o)?)
             });
+            if context > 0 {
+                context_weights.push(if last {
+                    lp.zeros("context_weight", (context, o))?
+                } else {
+                    let bound = 1.0 / (context as f64).sqrt();
+                    lp.uniform("context_weight", (context, o), bound)?
+                });
+            }
         }
         let first = Arc::new(Masks {
             layers: masks(&order, hidden, seed)?,
@@ -158,6 +181,7 @@ impl Made {
             dim,
             hidden: hidden.to_vec(),
             layers,
+            context: context_weights,
             activation,
             clamp,
             base_order: order,
@@ -234,13 +258,21 @@ impl Made {
             .collect()
     }
 
-    /// `(μ, α)` for rows `x` under mask set `k`: each depends only on the features before
-    /// it in that set's order.
-    pub fn conditionals(&self, x: &Tensor, k: u64) -> Result<(Tensor, Tensor)> {
+    /// Context values per row this MADE takes (0: unconditional).
+    pub fn context_width(&self) -> usize {
+        self.context.first().map_or(0, |v| v.dims()[0])
+    }
+
+    /// `(μ, α)` for rows `x` under mask set `k` and context `c` (`[N, K]`, for a
+    /// conditional MADE): each depends only on the features before it in that set's order.
+    pub fn conditionals(&self, x: &Tensor, k: u64, c: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         let weights = self.masked_weights(k)?;
         let mut h = x.clone();
         for (i, (w, b)) in weights.iter().enumerate() {
             h = h.matmul(w)?.broadcast_add(b)?;
+            if let (Some(c), Some(v)) = (c, self.context.get(i)) {
+                h = (h + c.matmul(v.as_tensor())?)?;
+            }
             if i + 1 < weights.len() {
                 h = self.activation.apply(&h)?;
             }
@@ -254,8 +286,9 @@ impl Made {
     /// every pass.
     /// The output layer's α columns are divided by the clamp here, so the graph computes
     /// `c·tanh(h)` without a division node.
-    fn emit_weights(&self, g: &mut Graph) -> Result<Vec<(Value, Value)>> {
+    fn emit_weights(&self, g: &mut Graph) -> Result<Vec<EmittedLayer>> {
         let mut weights = self.masked_weights(0)?;
+        let mut context: Vec<Tensor> = self.context.iter().map(|v| v.as_tensor().clone()).collect();
         if let Some((w, b)) = weights.last_mut() {
             let d = self.dim;
             let scale: Vec<f32> = (0..2 * d)
@@ -270,17 +303,32 @@ impl Made {
             let scale = Tensor::from_vec(scale, 2 * d, &Device::Cpu)?;
             *w = w.broadcast_mul(&scale.unsqueeze(0)?)?;
             *b = b.mul(&scale)?;
+            if let Some(v) = context.last_mut() {
+                *v = v.broadcast_mul(&scale.unsqueeze(0)?)?;
+            }
         }
+        let c = g.context_for(self.context_width())?;
+        let mut context = context.into_iter();
         weights
             .iter()
-            .map(|(w, b)| Ok((g.tensor("masked_weight", w)?, g.tensor("bias", b)?)))
+            .map(|(w, b)| {
+                let w = g.tensor("masked_weight", w)?;
+                let mut b = g.tensor("bias", b)?;
+                // The context term does not change between sequential passes: computed once.
+                if let (Some(c), Some(v)) = (&c, context.next()) {
+                    let v = g.tensor("context_weight", &v)?;
+                    let cv = g.matmul(c, &v);
+                    b = g.add(&cv, &b);
+                }
+                Ok((w, b))
+            })
             .collect()
     }
 
     fn emit_conditionals(
         &self,
         g: &mut Graph,
-        weights: &[(Value, Value)],
+        weights: &[EmittedLayer],
         x: &Value,
     ) -> (Value, Value) {
         let mut h = x.clone();
@@ -308,15 +356,17 @@ impl Bijector for Made {
     }
 
     fn encode(&self, x: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)> {
-        let (mu, alpha) = self.conditionals(x, cx.mask_set)?;
+        let c = cx.context_for(self.context_width(), x.dim(0)?)?;
+        let (mu, alpha) = self.conditionals(x, cx.mask_set, c)?;
         let z = (x - mu)?.mul(&alpha.neg()?.exp()?)?;
         Ok((z, alpha.sum(1)?.neg()?))
     }
 
     fn decode(&self, z: &Tensor, cx: &Ctx) -> Result<Tensor> {
+        let c = cx.context_for(self.context_width(), z.dim(0)?)?;
         let mut x = Tensor::zeros(z.dims(), DType::F32, z.device())?;
         for _ in 0..self.dim {
-            let (mu, alpha) = self.conditionals(&x, cx.mask_set)?;
+            let (mu, alpha) = self.conditionals(&x, cx.mask_set, c)?;
             x = (z.mul(&alpha.exp()?)? + mu)?;
         }
         Ok(x)

@@ -18,6 +18,7 @@ mod affine;
 mod batch_norm;
 mod chain;
 mod channel_affine;
+mod context_affine;
 mod coupling;
 mod diagonal_scaling;
 mod factor_out;
@@ -34,6 +35,7 @@ pub use actnorm::ActNorm;
 pub use affine::ElementwiseAffine;
 pub use batch_norm::BatchNorm;
 pub use chain::Chain;
+pub use context_affine::ContextAffine;
 pub use coupling::{Coupling, Elementwise, ImageMask, Partition};
 pub use diagonal_scaling::DiagonalScaling;
 pub use factor_out::FactorOut;
@@ -46,37 +48,73 @@ pub use power::{yeo_johnson, YeoJohnson, LAMBDA_RANGE};
 pub use split::{Mask, Split};
 pub use squeeze::Squeeze;
 
-/// How a call should behave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Ctx {
+/// How a call should behave, and what it is conditioned on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ctx<'a> {
     /// Training behaviour: batch norm uses (and tracks) batch statistics, actnorm
     /// initialises itself on its first batch.
     pub training: bool,
     /// The mask set of order- and connectivity-agnostic MADEs (0: the exported one).
     pub mask_set: u64,
+    /// The conditioners' context input `[N, K]` of a conditional flow (the encoded and
+    /// embedded context, one row per example); `None` for unconditional flows. Its ONNX
+    /// twin is [`Graph::context`].
+    pub context: Option<&'a Tensor>,
 }
 
-impl Ctx {
+impl<'a> Ctx<'a> {
     /// Evaluation with mask set 0: what the exported graphs compute.
-    pub const EVAL: Ctx = Ctx {
+    pub const EVAL: Ctx<'static> = Ctx {
         training: false,
         mask_set: 0,
+        context: None,
     };
 
     /// Training with mask set `mask_set`.
-    pub fn train(mask_set: u64) -> Ctx {
+    pub fn train(mask_set: u64) -> Ctx<'static> {
         Ctx {
             training: true,
             mask_set,
+            context: None,
         }
     }
 
     /// Evaluation with mask set `mask_set`.
-    pub fn eval(mask_set: u64) -> Ctx {
+    pub fn eval(mask_set: u64) -> Ctx<'static> {
         Ctx {
             training: false,
             mask_set,
+            context: None,
         }
+    }
+
+    /// The same behaviour conditioned on `context` (`[N, K]`).
+    pub fn with_context<'b>(&self, context: Option<&'b Tensor>) -> Ctx<'b> {
+        Ctx {
+            training: self.training,
+            mask_set: self.mask_set,
+            context,
+        }
+    }
+
+    /// The context a conditioner of `width` context inputs needs (`None` when it takes
+    /// none), checked against the rows it conditions.
+    pub fn context_for(&self, width: usize, rows: usize) -> Result<Option<&'a Tensor>> {
+        if width == 0 {
+            return Ok(None);
+        }
+        let Some(c) = self.context else {
+            candle_core::bail!(
+                "this flow is conditional: it needs a context of {width} values per row"
+            );
+        };
+        if c.dims() != [rows, width] {
+            candle_core::bail!(
+                "the context has shape {:?}, the conditioner needs [{rows}, {width}]",
+                c.dims()
+            );
+        }
+        Ok(Some(c))
     }
 }
 

@@ -32,3 +32,25 @@ pub fn load(name: &str) -> Result<Option<Table>> {
         _ => return Ok(None),
     }))
 }
+
+/// The label of a built-in table, row for row with [`load`] (a context column for
+/// conditional flows): its name and values.
+pub fn label(name: &str) -> Result<Option<(&'static str, Vec<f64>)>> {
+    Ok(match name {
+        "wine" => {
+            let ds = linfa_datasets::winequality();
+            Some(("quality", ds.targets().iter().map(|&v| v as f64).collect()))
+        }
+        "digits" => {
+            let ds = smartcore::dataset::digits::load_dataset();
+            Some(("label", ds.target.iter().map(|&v| v as f64).collect()))
+        }
+        "mnist" => Some(("label", super::images::mnist_labels()?)),
+        "fashion_mnist" => {
+            let (mut train, test) = super::images::fashion_mnist_labels()?;
+            train.extend(test);
+            Some(("label", train))
+        }
+        _ => None,
+    })
+}

@@ -91,6 +91,32 @@ pub fn read_csv(path: &Path, columns: Columns) -> Result<Table> {
     Table::new(names, values).with_context(|| format!("{}", path.display()))
 }
 
+/// The cells of the columns `names` of a CSV file with a header row, as text (one vector
+/// per column, in the order of `names`).
+pub fn read_csv_cells(path: &Path, names: &[String]) -> Result<Vec<Vec<String>>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .trim(csv::Trim::All)
+        .from_path(path)
+        .with_context(|| format!("cannot read data file {}", path.display()))?;
+    let headers: Vec<String> = reader
+        .headers()
+        .with_context(|| format!("{}: cannot read the header row", path.display()))?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let keep = Columns::Select(names).keep(&headers, &path.display().to_string())?;
+    let mut out = vec![Vec::new(); keep.len()];
+    for (r, record) in reader.records().enumerate() {
+        let record = record
+            .with_context(|| format!("{}: line {} is not valid CSV", path.display(), r + 2))?;
+        for (col, &c) in out.iter_mut().zip(&keep) {
+            col.push(record.get(c).unwrap_or("").to_string());
+        }
+    }
+    Ok(out)
+}
+
 /// Reads a 2-D `.npy` array of float32 or float64 (rows are examples).
 pub fn read_npy(path: &Path) -> Result<Table> {
     let file = std::fs::File::open(path)

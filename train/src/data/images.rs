@@ -119,6 +119,46 @@ pub fn mnist() -> Result<Table> {
     Table::new(pixel_names(28, 28), values)
 }
 
+/// The labels of [`mnist`]'s rows (the last cell of each line).
+pub fn mnist_labels() -> Result<Vec<f64>> {
+    let path = fetched("mnist", "mnist_5k.csv.gz")?;
+    let text = String::from_utf8(read_maybe_gz(&path)?)
+        .with_context(|| format!("{}: not text", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let cell = line.rsplit(',').next().unwrap_or("").trim();
+            cell.parse::<f64>().with_context(|| {
+                format!(
+                    "{} line {}: label {cell:?} is not a number",
+                    path.display(),
+                    i + 1
+                )
+            })
+        })
+        .collect()
+}
+
+/// Fashion-MNIST's official training and test labels (0–9), row for row with
+/// [`fashion_mnist`].
+pub fn fashion_mnist_labels() -> Result<(Vec<f64>, Vec<f64>)> {
+    let read = |file: &str| -> Result<Vec<f64>> {
+        let path = fetched("fashion_mnist", file)?;
+        let (dims, values) = read_idx(&path)?;
+        if dims.len() != 1 {
+            bail!(
+                "{}: expected a vector of labels, got {dims:?}",
+                path.display()
+            );
+        }
+        Ok(values.into_iter().map(f64::from).collect())
+    };
+    Ok((
+        read("fashion-mnist/train-labels-idx1-ubyte.gz")?,
+        read("fashion-mnist/t10k-labels-idx1-ubyte.gz")?,
+    ))
+}
+
 /// Fashion-MNIST's official training and test images.
 pub fn fashion_mnist() -> Result<(Table, Table)> {
     let train = fetched("fashion_mnist", "fashion-mnist/train-images-idx3-ubyte.gz")?;

@@ -10,18 +10,23 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use flowpack::ContextSpec;
+
 use crate::bijectors::{yeo_johnson, YeoJohnson};
 use crate::config::{DataConfig, Dequantize};
 use crate::flows::{PowerTransform, Standardization};
 
 mod builtin;
+pub mod context;
 mod files;
 pub mod images;
 
-pub use files::Columns;
+pub use context::ContextRequest;
+pub use files::{read_csv_cells, Columns};
 pub mod toy;
 
-/// A row-major table of finite f32 values with named columns.
+/// A row-major table of finite f32 values with named columns, and — for conditional
+/// flows — each row's context beside it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Table {
     /// Column names.
@@ -30,6 +35,11 @@ pub struct Table {
     pub dim: usize,
     /// `rows × dim` values, row-major.
     pub values: Vec<f32>,
+    /// Context values per row (0: no context).
+    pub context_dim: usize,
+    /// `rows × context_dim` raw context values (what the graphs' `context` input takes),
+    /// row-major.
+    pub context: Vec<f32>,
 }
 
 impl Table {
@@ -42,7 +52,27 @@ impl Table {
         if values.is_empty() {
             bail!("the table has no rows");
         }
-        Ok(Table { names, dim, values })
+        Ok(Table {
+            names,
+            dim,
+            values,
+            context_dim: 0,
+            context: Vec::new(),
+        })
+    }
+
+    /// The table with `context` (`context_dim` raw values per row) beside its rows.
+    pub fn with_context(mut self, context_dim: usize, context: Vec<f32>) -> Result<Table> {
+        if context_dim == 0 || context.len() != self.rows() * context_dim {
+            bail!(
+                "{} context values are not {} rows of {context_dim}",
+                context.len(),
+                self.rows()
+            );
+        }
+        self.context_dim = context_dim;
+        self.context = context;
+        Ok(self)
     }
 
     /// Number of rows.
@@ -61,7 +91,19 @@ impl Table {
             names: self.names.clone(),
             dim: self.dim,
             values: self.select_values(idx),
+            context_dim: self.context_dim,
+            context: self.select_context(idx),
         }
+    }
+
+    /// The context of the rows at `idx`, in that order (empty without a context).
+    pub fn select_context(&self, idx: &[usize]) -> Vec<f32> {
+        let w = self.context_dim;
+        let mut out = Vec::with_capacity(idx.len() * w);
+        for &i in idx {
+            out.extend_from_slice(&self.context[i * w..(i + 1) * w]);
+        }
+        out
     }
 
     /// The values of the rows at `idx`, in that order (a training batch: no column names).
@@ -125,6 +167,9 @@ pub struct Splits {
     pub test: Table,
     /// `[C, H, W]` when the rows are images (row-major pixels), for the image families.
     pub image: Option<[usize; 3]>,
+    /// The context columns of a conditional flow (numeric statistics fitted on the
+    /// training split); every table then carries each row's context.
+    pub context: Option<ContextSpec>,
 }
 
 /// The built-in tables (besides the toy densities); mnist and fashion_mnist are fetched by
@@ -181,7 +226,64 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 /// Loads and splits the configured dataset. Toy densities are sampled afresh for each split;
 /// tables are shuffled with `seed` and cut into validation, test and training rows.
 pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
+    let mut splits = load_rows(cfg, seed)?;
+    if let Some(spec) = &mut splits.context {
+        context::fit_numeric(spec, &splits.train);
+    }
+    Ok(splits)
+}
+
+/// A built-in table or a CSV file with the requested context columns taken out of the
+/// features and carried beside each row.
+fn read_with_context(
+    dataset: &str,
+    drop: &[String],
+    requests: &[ContextRequest],
+) -> Result<(Table, ContextSpec)> {
+    let mut drop = drop.to_vec();
+    drop.extend(requests.iter().map(|r| r.name.clone()));
+    let (table, cells) = if let Some(full) = builtin::load(dataset)? {
+        let label = builtin::label(dataset)?;
+        let mut cells = Vec::new();
+        for r in requests {
+            if let Some(c) = full.names.iter().position(|n| *n == r.name) {
+                cells.push(context::Cells::Numbers(
+                    full.column(c).map(f64::from).collect(),
+                ));
+            } else if let Some((_, values)) = label.as_ref().filter(|(n, _)| *n == r.name) {
+                cells.push(context::Cells::Numbers(values.clone()));
+            } else {
+                bail!(
+                    "{dataset}: --context names {:?}, which is neither its label ({}) nor a column",
+                    r.name,
+                    label.as_ref().map_or("none", |l| l.0)
+                );
+            }
+        }
+        // The label is not among the table's columns: drop only what is.
+        drop.retain(|d| full.names.contains(d));
+        (read_table(dataset, Columns::Drop(&drop))?, cells)
+    } else if Path::new(dataset).extension().is_some_and(|e| e == "csv") {
+        let names: Vec<String> = requests.iter().map(|r| r.name.clone()).collect();
+        let cells = files::read_csv_cells(Path::new(dataset), &names)?;
+        (
+            read_table(dataset, Columns::Drop(&drop))?,
+            cells.into_iter().map(context::Cells::from_text).collect(),
+        )
+    } else {
+        bail!("{dataset}: context columns come from a built-in table or a CSV file with a header");
+    };
+    let (spec, values) = context::build(requests, cells)?;
+    let table = table.with_context(spec.width(), values)?;
+    Ok((table, spec))
+}
+
+fn load_rows(cfg: &DataConfig, seed: u64) -> Result<Splits> {
     let name = cfg.dataset.as_str();
+    let requests = ContextRequest::parse_all(&cfg.context)?;
+    if toy::TOY.contains(&name) && !requests.is_empty() {
+        bail!("{name} is a toy density without context columns; conditional flows need a table");
+    }
     if toy::TOY.contains(&name) {
         let names = vec!["x".to_string(), "y".to_string()];
         let n = cfg.toy_samples;
@@ -198,12 +300,27 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
             val: draw(2, n / 5)?,
             test: draw(3, n / 5)?,
             image: None,
+            context: None,
         });
     }
     let image = image_shape(name).filter(|_| cfg.drop_columns.is_empty());
     if name == "fashion_mnist" {
         // The official split: test is t10k; validation is a seeded part of the training set.
-        let (train, test) = images::fashion_mnist()?;
+        let (mut train, mut test) = images::fashion_mnist()?;
+        let mut spec = None;
+        if !requests.is_empty() {
+            if requests.len() != 1 || requests[0].name != "label" {
+                bail!("fashion_mnist offers one context column, label");
+            }
+            let (train_labels, test_labels) = images::fashion_mnist_labels()?;
+            let (s, train_c) =
+                context::build(&requests, vec![context::Cells::Numbers(train_labels)])?;
+            let (_, test_c) =
+                context::build(&requests, vec![context::Cells::Numbers(test_labels)])?;
+            train = train.with_context(1, train_c)?;
+            test = test.with_context(1, test_c)?;
+            spec = Some(s);
+        }
         let n = train.rows();
         let n_val = ((n as f64 * cfg.val_fraction).round() as usize).max(1);
         let idx = shuffled(n, seed);
@@ -213,9 +330,17 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
             val: train.select(&idx[..n_val]),
             train: train.select(&idx[n_val..]),
             test,
+            context: spec,
         });
     }
-    let table = read_table(name, Columns::Drop(&cfg.drop_columns))?;
+    let (table, spec) = if requests.is_empty() {
+        (read_table(name, Columns::Drop(&cfg.drop_columns))?, None)
+    } else {
+        let (t, s) = read_with_context(name, &cfg.drop_columns, &requests)?;
+        (t, Some(s))
+    };
+    // A context taken from the pixels leaves no image.
+    let image = image.filter(|s| s.iter().product::<usize>() == table.dim);
     let n = table.rows();
     let n_val = (n as f64 * cfg.val_fraction).round() as usize;
     let n_test = (n as f64 * cfg.test_fraction).round() as usize;
@@ -229,6 +354,7 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
         val: table.select(&idx[..n_val]),
         test: table.select(&idx[n_val..n_val + n_test]),
         train: table.select(&idx[n_val + n_test..]),
+        context: spec,
     })
 }
 

@@ -24,9 +24,14 @@ use crate::bijectors::{
 use crate::config::{Family, ModelConfig};
 use crate::params::Params;
 
-pub(super) fn build(cfg: &ModelConfig, shape: [usize; 3], p: &Params) -> Result<Chain> {
+pub(super) fn build(
+    cfg: &ModelConfig,
+    shape: [usize; 3],
+    p: &Params,
+    context: usize,
+) -> Result<Chain> {
     check_shape(cfg, shape)?;
-    level(cfg, shape, 0, &p.pp("level0"))
+    level(cfg, shape, 0, &p.pp("level0"), context)
 }
 
 /// Every level but the last squeezes and halves the channels; the spatial size must allow it.
@@ -50,7 +55,13 @@ fn check_shape(cfg: &ModelConfig, shape: [usize; 3]) -> Result<()> {
     Ok(())
 }
 
-fn level(cfg: &ModelConfig, shape: [usize; 3], l: usize, p: &Params) -> Result<Chain> {
+fn level(
+    cfg: &ModelConfig,
+    shape: [usize; 3],
+    l: usize,
+    p: &Params,
+    context: usize,
+) -> Result<Chain> {
     let last = l + 1 == cfg.levels;
     let mut out = Chain::new();
     let map = if cfg.additive {
@@ -67,6 +78,7 @@ fn level(cfg: &ModelConfig, shape: [usize; 3], l: usize, p: &Params) -> Result<C
             cfg.hidden,
             cfg.activation,
             map,
+            context,
         )?))
     };
     let actnorm = |p: &Params, s: [usize; 3]| -> Result<Box<dyn Bijector>> {
@@ -131,6 +143,7 @@ fn level(cfg: &ModelConfig, shape: [usize; 3], l: usize, p: &Params) -> Result<C
             [keep, s[1], s[2]],
             l + 1,
             &p.pp(format!("level{}", l + 1)),
+            context,
         )?;
         out.push(FactorOut::new(keep, s[0], inner)?);
     }

@@ -15,7 +15,7 @@ use crate::bijectors::{Agnostic, Chain, Inverse, Made};
 use crate::config::{Family, ModelConfig, PermutationKind};
 use crate::params::Params;
 
-pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params) -> Result<Chain> {
+pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params, context: usize) -> Result<Chain> {
     let n = if cfg.family == Family::Made {
         1
     } else {
@@ -41,6 +41,7 @@ pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params) -> Result<Chain> 
             order,
             cfg.scale_clamp,
             seed,
+            context,
         )?
         .agnostic(Agnostic {
             order: cfg.order_agnostic,

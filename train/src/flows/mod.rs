@@ -1,17 +1,23 @@
 //! Flows: a preprocessing chain and a chain of bijectors over a standard normal base.
 //!
 //! `log p(x) = log N(z; 0, I) + Σ log|det ∂zₖ/∂zₖ₋₁|`, with `z = encode(x)`.
+//!
+//! A conditional flow p(x | c) ([`Flow::context`]) feeds its encoded context to every
+//! conditioner and ends its chain with a [`ContextAffine`] (a context-dependent Gaussian
+//! base); its methods then take raw context rows beside the data, and both graphs take them
+//! as a second input.
 
 use candle_core::{Result, Tensor};
 use flowpack::onnx::ModelProto;
-use flowpack::signature::{DATA, LATENT, LOG_PROB, LOG_PROB_TERMS};
-use flowpack::{Base, Contributions, Cost};
+use flowpack::signature::{CONTEXT, DATA, LATENT, LOG_PROB, LOG_PROB_TERMS};
+use flowpack::{Base, ContextSpec, Contributions, Cost};
 
 use crate::bijectors::{
-    BatchNorm, Bijector, Chain, Coupling, Ctx, Dependence, Elementwise, ElementwiseAffine,
-    LogDetSum, Logit, Permutation, YeoJohnson,
+    BatchNorm, Bijector, Chain, ContextAffine, Coupling, Ctx, Dependence, Elementwise,
+    ElementwiseAffine, LogDetSum, Logit, Permutation, YeoJohnson,
 };
 use crate::config::{Family, ModelConfig, PermutationKind};
+use crate::context::ContextNet;
 use crate::onnx::Graph;
 use crate::params::Params;
 
@@ -37,6 +43,8 @@ pub struct Flow {
     pub chain: Chain,
     /// The density of the latent.
     pub base: Base,
+    /// The context encoder of a conditional flow p(x | c); `None`: unconditional.
+    pub context: Option<ContextNet>,
 }
 
 /// Per-feature standardisation fitted on the training split: `z = (x - shift) / scale`.
@@ -82,14 +90,19 @@ pub const LOGIT_ALPHA: f64 = 0.05;
 
 impl Flow {
     /// Builds the configured family over events shaped `event`, with `pre` as the first
-    /// bijector so that the flow's input is raw data.
+    /// bijector so that the flow's input is raw data; conditional on `context` if given.
     pub fn build(
         cfg: &ModelConfig,
         event: &[usize],
         pre: Preprocess,
         params: &Params,
+        context: Option<ContextSpec>,
     ) -> Result<Flow> {
         let dim = event.iter().product();
+        let context = context
+            .map(|spec| ContextNet::new(&params.pp("context"), spec, cfg.activation))
+            .transpose()?;
+        let ctx = context.as_ref().map_or(0, ContextNet::width);
         let mut chain = Chain::new();
         match pre {
             Preprocess::None => {}
@@ -111,9 +124,9 @@ impl Flow {
             Preprocess::Logit { low, high } => chain.push(Logit::new(low, high, LOGIT_ALPHA)?),
         }
         chain.append(match cfg.family {
-            Family::Nice => nice::build(cfg, dim, params)?,
-            Family::Realnvp => realnvp::build(cfg, dim, params)?,
-            Family::Made | Family::Maf | Family::Iaf => maf::build(cfg, dim, params)?,
+            Family::Nice => nice::build(cfg, dim, params, ctx)?,
+            Family::Realnvp => realnvp::build(cfg, dim, params, ctx)?,
+            Family::Made | Family::Maf | Family::Iaf => maf::build(cfg, dim, params, ctx)?,
             Family::Glow | Family::RealnvpImage => {
                 let shape: [usize; 3] = event.try_into().map_err(|_| {
                     candle_core::Error::Msg(format!(
@@ -121,16 +134,46 @@ impl Flow {
                         cfg.family.as_str()
                     ))
                 })?;
-                image::build(cfg, shape, params)?
+                image::build(cfg, shape, params, ctx)?
             }
         });
+        if ctx > 0 {
+            chain.push(ContextAffine::new(&params.pp("context_base"), event, ctx)?);
+        }
         Ok(Flow {
             family: cfg.family,
             dim,
             event: event.to_vec(),
             chain,
             base: Base::StandardNormal,
+            context,
         })
+    }
+
+    /// Raw context values per row (0: unconditional).
+    pub fn context_width(&self) -> usize {
+        self.context.as_ref().map_or(0, ContextNet::raw_width)
+    }
+
+    /// What the conditioners see for raw context rows `c`, checked against the flow: a
+    /// conditional flow needs one row of context per row of data, an unconditional one none.
+    fn conditioner_input(&self, c: Option<&Tensor>, rows: usize) -> Result<Option<Tensor>> {
+        match (&self.context, c) {
+            (None, None) => Ok(None),
+            (Some(net), Some(c)) => {
+                if c.dim(0)? != rows {
+                    candle_core::bail!("{} context rows for {rows} rows", c.dim(0)?);
+                }
+                Ok(Some(net.forward(c)?))
+            }
+            (Some(net), None) => candle_core::bail!(
+                "this flow is conditional: it needs a context of {} values per row",
+                net.raw_width()
+            ),
+            (None, Some(_)) => {
+                candle_core::bail!("this flow is unconditional: it takes no context")
+            }
+        }
     }
 
     /// Rows `[N, D]` as `[N, ...event]`.
@@ -158,47 +201,73 @@ impl Flow {
         }
     }
 
-    /// data → latent (`[N, D]` rows both), with the summed log|det| per row.
-    pub fn encode(&self, x: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)> {
-        let (z, ld) = self.chain.encode(&self.shaped(x)?, cx)?;
+    /// data → latent (`[N, D]` rows both), with the summed log|det| per row; `c` is the
+    /// raw context `[N, columns]` of a conditional flow (`None` for an unconditional one).
+    pub fn encode(&self, x: &Tensor, c: Option<&Tensor>, cx: &Ctx) -> Result<(Tensor, Tensor)> {
+        let h = self.conditioner_input(c, x.dim(0)?)?;
+        let (z, ld) = self
+            .chain
+            .encode(&self.shaped(x)?, &cx.with_context(h.as_ref()))?;
         Ok((z.flatten_from(1)?, ld))
     }
 
-    /// log p(x) per row.
-    pub fn log_prob(&self, x: &Tensor, cx: &Ctx) -> Result<Tensor> {
-        let (z, ld) = self.encode(x, cx)?;
+    /// log p(x | c) per row.
+    pub fn log_prob(&self, x: &Tensor, c: Option<&Tensor>, cx: &Ctx) -> Result<Tensor> {
+        let (z, ld) = self.encode(x, c, cx)?;
         self.base_log_prob(&z)? + ld
     }
 
-    /// latent → data (`[N, D]` rows both).
-    pub fn decode(&self, z: &Tensor, cx: &Ctx) -> Result<Tensor> {
-        self.chain.decode(&self.shaped(z)?, cx)?.flatten_from(1)
+    /// latent → data (`[N, D]` rows both), given the raw context of a conditional flow.
+    pub fn decode(&self, z: &Tensor, c: Option<&Tensor>, cx: &Ctx) -> Result<Tensor> {
+        let h = self.conditioner_input(c, z.dim(0)?)?;
+        self.chain
+            .decode(&self.shaped(z)?, &cx.with_context(h.as_ref()))?
+            .flatten_from(1)
     }
 
-    /// latent → data with log q(x) of each sample: `log N(z) − Σ log|det ∂x/∂z|`. One pass
-    /// for IAF, which is what makes density distillation fast.
-    pub fn sample_with_log_prob(&self, z: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)> {
-        let (x, ld) = self.chain.decode_with_log_det(&self.shaped(z)?, cx)?;
+    /// latent → data with log q(x | c) of each sample: `log N(z) − Σ log|det ∂x/∂z|`. One
+    /// pass for IAF, which is what makes density distillation fast.
+    pub fn sample_with_log_prob(
+        &self,
+        z: &Tensor,
+        c: Option<&Tensor>,
+        cx: &Ctx,
+    ) -> Result<(Tensor, Tensor)> {
+        let h = self.conditioner_input(c, z.dim(0)?)?;
+        let (x, ld) = self
+            .chain
+            .decode_with_log_det(&self.shaped(z)?, &cx.with_context(h.as_ref()))?;
         Ok((x.flatten_from(1)?, (self.base_log_prob(z)? - ld)?))
     }
 
-    /// Monte-Carlo reverse KL(self ‖ teacher) in nats: the mean of `log q(x) − log p(x)`
-    /// over samples `x` of this flow decoded from the base draws `z`. Differentiable in this
-    /// flow's parameters (the reparameterisation trick); the teacher is evaluated as
-    /// exported.
-    pub fn reverse_kl(&self, teacher: &Flow, z: &Tensor, cx: &Ctx) -> Result<Tensor> {
-        let (x, log_q) = self.sample_with_log_prob(z, cx)?;
-        (log_q - teacher.log_prob(&x, &Ctx::EVAL)?)?.mean_all()
+    /// Monte-Carlo reverse KL(self ‖ teacher) in nats: the mean of `log q(x|c) − log p(x|c)`
+    /// over samples `x` of this flow decoded from the base draws `z` (with contexts `c`, for
+    /// conditional flows). Differentiable in this flow's parameters (the
+    /// reparameterisation trick); the teacher is evaluated as exported.
+    pub fn reverse_kl(
+        &self,
+        teacher: &Flow,
+        z: &Tensor,
+        c: Option<&Tensor>,
+        cx: &Ctx,
+    ) -> Result<Tensor> {
+        let (x, log_q) = self.sample_with_log_prob(z, c, cx)?;
+        (log_q - teacher.log_prob(&x, c, &Ctx::EVAL)?)?.mean_all()
     }
 
-    /// log p(x) per row (evaluation) averaged over mask sets `0..ensemble` as densities:
-    /// `log (1/K) Σₖ pₖ(x)`, by log-sum-exp.
-    pub fn ensemble_log_prob(&self, x: &Tensor, ensemble: usize) -> Result<Tensor> {
+    /// log p(x | c) per row (evaluation) averaged over mask sets `0..ensemble` as
+    /// densities: `log (1/K) Σₖ pₖ(x | c)`, by log-sum-exp.
+    pub fn ensemble_log_prob(
+        &self,
+        x: &Tensor,
+        c: Option<&Tensor>,
+        ensemble: usize,
+    ) -> Result<Tensor> {
         if ensemble <= 1 {
-            return self.log_prob(x, &Ctx::EVAL);
+            return self.log_prob(x, c, &Ctx::EVAL);
         }
         let each = (0..ensemble as u64)
-            .map(|k| self.log_prob(x, &Ctx::eval(k)))
+            .map(|k| self.log_prob(x, c, &Ctx::eval(k)))
             .collect::<Result<Vec<_>>>()?;
         Tensor::stack(&each, 0)?.log_sum_exp(0)? - (ensemble as f64).ln()
     }
@@ -229,6 +298,7 @@ impl Flow {
         let mut g = Graph::new();
         let event = self.event.clone();
         let x = g.input(DATA, &event);
+        self.emit_context(&mut g)?;
         if let Contributions::Exact { .. } = self.contributions() {
             let Base::StandardNormal = self.base;
             let (z, diagonal) = self.chain.emit_encode_diagonal(&mut g, &x)?;
@@ -267,11 +337,24 @@ impl Flow {
         ))
     }
 
-    /// `decode.onnx`: `z[N, ...event] → x[N, ...event]`.
+    /// A conditional flow's second graph input, `context[N, columns]`, encoded for the
+    /// conditioners ([`Graph::context_for`]).
+    fn emit_context(&self, g: &mut Graph) -> Result<()> {
+        if let Some(net) = &self.context {
+            let raw = g.input(CONTEXT, &[net.raw_width()]);
+            let h = net.emit(g, &raw)?;
+            g.set_context(h);
+        }
+        Ok(())
+    }
+
+    /// `decode.onnx`: `z[N, ...event] → x[N, ...event]` (and `context[N, columns]` as the
+    /// second input of a conditional flow).
     pub fn decode_graph(&self, name: &str) -> Result<ModelProto> {
         let mut g = Graph::new();
         let event = self.event.clone();
         let z = g.input(LATENT, &event);
+        self.emit_context(&mut g)?;
         let x = self.chain.emit_decode(&mut g, &z)?;
         g.output(&x, DATA, &event);
         Ok(g.finish(&format!("{name}_decode"), "latent → data"))
@@ -325,6 +408,7 @@ fn coupling_steps(
     dim: usize,
     p: &Params,
     map: Elementwise,
+    context: usize,
 ) -> Result<Vec<Chain>> {
     let mut steps = Vec::new();
     for i in 0..cfg.layers {
@@ -351,6 +435,7 @@ fn coupling_steps(
             cfg.hidden_layers,
             cfg.activation,
             map,
+            context,
         )?);
         steps.push(step);
     }

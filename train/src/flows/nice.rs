@@ -8,8 +8,8 @@ use crate::bijectors::{Chain, DiagonalScaling, Elementwise};
 use crate::config::ModelConfig;
 use crate::params::Params;
 
-pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params) -> Result<Chain> {
-    let steps = coupling_steps(cfg, dim, p, Elementwise::Shift)?;
+pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params, context: usize) -> Result<Chain> {
+    let steps = coupling_steps(cfg, dim, p, Elementwise::Shift, context)?;
     let mut chain = stack(cfg, dim, p, steps, BatchNormAt::AfterEach)?;
     chain.push(DiagonalScaling::new(&p.pp("scaling"), dim)?);
     Ok(chain)

@@ -8,10 +8,10 @@ use crate::bijectors::{Chain, Elementwise};
 use crate::config::ModelConfig;
 use crate::params::Params;
 
-pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params) -> Result<Chain> {
+pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params, context: usize) -> Result<Chain> {
     let map = Elementwise::ClampedAffine {
         clamp: cfg.scale_clamp,
     };
-    let steps = coupling_steps(cfg, dim, p, map)?;
+    let steps = coupling_steps(cfg, dim, p, map, context)?;
     stack(cfg, dim, p, steps, BatchNormAt::Between)
 }

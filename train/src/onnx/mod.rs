@@ -43,6 +43,7 @@ pub struct Graph {
     outputs: Vec<ValueInfoProto>,
     used: HashMap<String, usize>,
     consts: HashMap<(Vec<i64>, Vec<u32>), Value>,
+    context: Option<Value>,
 }
 
 fn value_info(name: &str, elem_type: i32, shape: &[Option<usize>]) -> ValueInfoProto {
@@ -90,6 +91,25 @@ impl Graph {
             hint.to_string()
         } else {
             format!("{hint}_{}", *n - 1)
+        }
+    }
+
+    /// Makes `v` (`[N, K]`) the conditioners' context input: the ONNX twin of
+    /// `Ctx::context`.
+    pub fn set_context(&mut self, v: Value) {
+        self.context = Some(v);
+    }
+
+    /// The conditioners' context input, checked as [`crate::bijectors::Ctx::context_for`]
+    /// checks the candle one: `None` for a conditioner of width 0, an error when a
+    /// conditional layer is emitted into a graph without one.
+    pub fn context_for(&self, width: usize) -> candle_core::Result<Option<Value>> {
+        match (width, &self.context) {
+            (0, _) => Ok(None),
+            (_, Some(v)) => Ok(Some(v.clone())),
+            (_, None) => candle_core::bail!(
+                "a conditional layer ({width} context values) emitted into a graph without a context input"
+            ),
         }
     }
 

@@ -3,10 +3,10 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use flowpack::runtime::{GraphSession, SessionOptions};
-use flowpack::signature::{DATA, LATENT};
+use flowpack::signature::{CONTEXT, DATA, LATENT};
 use flowpack::TensorSpec;
 use flowtrain::bijectors::{Bijector, Ctx, LogDet};
-use flowtrain::onnx::Graph;
+use flowtrain::onnx::{Graph, Value};
 use flowtrain::params::Params;
 use prost::Message;
 use rand::{Rng, SeedableRng};
@@ -58,13 +58,45 @@ pub fn assert_close(a: &[f32], b: &[f32], abs: f32, rel: f32, what: &str) {
     }
 }
 
+/// A context for conditional bijectors in tests: `k` values per row (0: none), row-major.
+#[derive(Clone, Copy)]
+pub struct TestContext<'a> {
+    /// Values per row.
+    pub k: usize,
+    /// `rows × k` values.
+    pub values: &'a [f32],
+}
+
+impl<'a> TestContext<'a> {
+    /// No context: an unconditional bijector.
+    pub const NONE: TestContext<'static> = TestContext { k: 0, values: &[] };
+
+    /// The context of rows `range` as a tensor, if any.
+    fn rows(&self, from: usize, n: usize) -> Option<Tensor> {
+        (self.k > 0).then(|| tensor(&self.values[from * self.k..(from + n) * self.k], self.k))
+    }
+}
+
 /// log|det J| per row, with J from candle's autodiff (one backward pass per output
 /// feature) and the determinant from an f64 LU decomposition.
 pub fn brute_force_log_det(b: &dyn Bijector, x: &[f32], event: &[usize]) -> Vec<f64> {
+    brute_force_log_det_given(b, x, event, TestContext::NONE)
+}
+
+/// [`brute_force_log_det`] of a conditional bijector given the context of the rows `x`.
+pub fn brute_force_log_det_given(
+    b: &dyn Bijector,
+    x: &[f32],
+    event: &[usize],
+    c: TestContext,
+) -> Vec<f64> {
     let d: usize = event.iter().product();
     let n = x.len() / d;
     let xv = Var::from_tensor(&tensor_shaped(x, event)).unwrap();
-    let (z, _) = b.encode(xv.as_tensor(), &Ctx::EVAL).unwrap();
+    let ct = c.rows(0, n);
+    let (z, _) = b
+        .encode(xv.as_tensor(), &Ctx::EVAL.with_context(ct.as_ref()))
+        .unwrap();
     let z = z.flatten_from(1).unwrap();
     let mut jac = vec![vec![vec![0f64; d]; d]; n]; // [row][out i][in j]
     #[allow(clippy::needless_range_loop)]
@@ -112,10 +144,40 @@ pub fn onnx_encode(b: &dyn Bijector, x: &[f32], event: &[usize]) -> (Vec<f32>, V
     onnx_encode_to(b, x, event, event)
 }
 
-/// A CPU session over a graph built here.
-fn session(g: Graph, input: TensorSpec, outputs: &[TensorSpec]) -> GraphSession {
+/// A graph with `first` as its first input and, given a context, `context[N, k]` as the
+/// conditioners' second.
+fn graph_with_inputs(
+    first: &str,
+    event: &[usize],
+    c: TestContext,
+) -> (Graph, Value, Vec<TensorSpec>) {
+    let mut g = Graph::new();
+    let input = g.input(first, event);
+    let mut specs = vec![TensorSpec::batched(first, event)];
+    if c.k > 0 {
+        let ctx = g.input(CONTEXT, &[c.k]);
+        g.set_context(ctx);
+        specs.push(TensorSpec::batched(CONTEXT, &[c.k]));
+    }
+    (g, input, specs)
+}
+
+/// Runs a graph built here on CPU with its inputs.
+fn run_graph(
+    g: Graph,
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+    rows: &[f32],
+    c: TestContext,
+) -> Vec<Vec<f32>> {
     let bytes = g.finish("test", "").encode_to_vec();
-    GraphSession::new(&bytes, &input, outputs, &SessionOptions::default()).unwrap()
+    let mut session =
+        GraphSession::new(&bytes, inputs, outputs, &SessionOptions::default()).unwrap();
+    if c.k > 0 {
+        session.run_inputs(&[rows, c.values]).unwrap()
+    } else {
+        session.run(rows).unwrap()
+    }
 }
 
 /// [`onnx_encode`] for a bijector that changes the event shape (squeeze).
@@ -125,9 +187,19 @@ pub fn onnx_encode_to(
     event: &[usize],
     out_event: &[usize],
 ) -> (Vec<f32>, Vec<f32>) {
+    onnx_encode_given(b, x, event, out_event, TestContext::NONE)
+}
+
+/// [`onnx_encode_to`] of a conditional bijector given the context of the rows `x`.
+pub fn onnx_encode_given(
+    b: &dyn Bijector,
+    x: &[f32],
+    event: &[usize],
+    out_event: &[usize],
+    c: TestContext,
+) -> (Vec<f32>, Vec<f32>) {
     let d: usize = event.iter().product();
-    let mut g = Graph::new();
-    let input = g.input(DATA, event);
+    let (mut g, input, inputs) = graph_with_inputs(DATA, event, c);
     let (z, ld) = b.emit_encode(&mut g, &input).unwrap();
     g.output(&z, LATENT, out_event);
     let mut outputs = vec![TensorSpec::batched(LATENT, out_event)];
@@ -139,9 +211,7 @@ pub fn onnx_encode_to(
             None
         }
     };
-    let mut out = session(g, TensorSpec::batched(DATA, event), &outputs)
-        .run(x)
-        .unwrap();
+    let mut out = run_graph(g, &inputs, &outputs, x, c);
     let n = x.len() / d;
     let ld = match constant {
         Some(c) => vec![c as f32; n],
@@ -162,15 +232,22 @@ pub fn onnx_decode_from(
     z_event: &[usize],
     event: &[usize],
 ) -> Vec<f32> {
-    let mut g = Graph::new();
-    let input = g.input(LATENT, z_event);
+    onnx_decode_given(b, z, z_event, event, TestContext::NONE)
+}
+
+/// [`onnx_decode_from`] of a conditional bijector given the context of the rows `z`.
+pub fn onnx_decode_given(
+    b: &dyn Bijector,
+    z: &[f32],
+    z_event: &[usize],
+    event: &[usize],
+    c: TestContext,
+) -> Vec<f32> {
+    let (mut g, input, inputs) = graph_with_inputs(LATENT, z_event, c);
     let x = b.emit_decode(&mut g, &input).unwrap();
     g.output(&x, DATA, event);
     let outputs = [TensorSpec::batched(DATA, event)];
-    session(g, TensorSpec::batched(LATENT, z_event), &outputs)
-        .run(z)
-        .unwrap()
-        .remove(0)
+    run_graph(g, &inputs, &outputs, z, c).remove(0)
 }
 
 /// The four properties every bijector must have: invertibility, log-det against the
@@ -181,8 +258,26 @@ pub fn check_bijector(b: &dyn Bijector, d: usize, seed: u64) {
 
 /// [`check_bijector`] on events shaped `event` that encode to latents shaped `z_event`.
 pub fn check_bijector_shaped(b: &dyn Bijector, event: &[usize], z_event: &[usize], seed: u64) {
+    check_conditional_bijector(b, event, z_event, 0, seed);
+}
+
+/// [`check_bijector_shaped`] for a bijector conditioned on `k` context values per row
+/// (0: unconditional), with random contexts drawn from `seed`.
+pub fn check_conditional_bijector(
+    b: &dyn Bijector,
+    event: &[usize],
+    z_event: &[usize],
+    k: usize,
+    seed: u64,
+) {
     let d: usize = event.iter().product();
-    let cx = Ctx::EVAL;
+    let context = random_rows(64, k, seed + 7);
+    let c = TestContext {
+        k,
+        values: &context,
+    };
+    let ct = c.rows(0, 64);
+    let cx = Ctx::EVAL.with_context(ct.as_ref());
     let x = random_rows(64, d, seed);
     let (z, ld) = b.encode(&tensor_shaped(&x, event), &cx).unwrap();
     assert_eq!(&z.dims()[1..], z_event, "{}: latent shape", b.name());
@@ -202,7 +297,15 @@ pub fn check_bijector_shaped(b: &dyn Bijector, event: &[usize], z_event: &[usize
     );
     assert_eq!(ld.len(), 64, "{}: one log-det per row", b.name());
 
-    let brute = brute_force_log_det(b, &x[..8 * d], event);
+    let brute = brute_force_log_det_given(
+        b,
+        &x[..8 * d],
+        event,
+        TestContext {
+            k,
+            values: &context[..8 * k],
+        },
+    );
     for (r, want) in brute.iter().enumerate() {
         assert!(
             (ld[r] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
@@ -212,7 +315,7 @@ pub fn check_bijector_shaped(b: &dyn Bijector, event: &[usize], z_event: &[usize
         );
     }
 
-    let (oz, old) = onnx_encode_to(b, &x, event, z_event);
+    let (oz, old) = onnx_encode_given(b, &x, event, z_event, c);
     assert_close(&oz, &z, 1e-5, 1e-4, &format!("{}: ONNX encode z", b.name()));
     assert_close(
         &old,
@@ -223,7 +326,7 @@ pub fn check_bijector_shaped(b: &dyn Bijector, event: &[usize], z_event: &[usize
     );
     let zs = random_rows(64, d, seed + 1);
     let want = to_vec(&b.decode(&tensor_shaped(&zs, z_event), &cx).unwrap());
-    let ox = onnx_decode_from(b, &zs, z_event, event);
+    let ox = onnx_decode_given(b, &zs, z_event, event, c);
     assert_close(
         &ox,
         &want,
