@@ -304,3 +304,138 @@ fn a_reference_set_is_covered_by_its_checksum() {
     m.write(tmp.path()).unwrap();
     assert!(open_err(tmp.path()).contains("order"));
 }
+
+fn wine_context() -> ContextSpec {
+    ContextSpec {
+        columns: vec![
+            ContextColumn {
+                name: "colour".into(),
+                kind: ContextKind::Categorical {
+                    categories: vec!["red".into(), "white".into()],
+                },
+            },
+            ContextColumn {
+                name: "quality".into(),
+                kind: ContextKind::Categorical {
+                    categories: vec!["3".into(), "5".into(), "8".into()],
+                },
+            },
+            ContextColumn {
+                name: "hour".into(),
+                kind: ContextKind::Numeric {
+                    mean: 12.0,
+                    std: 6.0,
+                },
+            },
+        ],
+        embedding: None,
+    }
+}
+
+#[test]
+fn a_conditional_package_declares_its_context_and_both_graphs_take_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = write_package(tmp.path());
+    m.context = Some(wine_context());
+    m.write(tmp.path()).unwrap();
+    let e = open_err(tmp.path());
+    assert!(
+        e.contains("graphs.encode must map (x[N, 2], context[N, 3])")
+            && e.contains("3 context columns"),
+        "{e}"
+    );
+
+    // Graphs with the second input, and a manifest saying so, open.
+    let enc = model(
+        vec![value("x", &[2]), value("context", &[3])],
+        vec![value("z", &[2]), value("log_prob", &[])],
+    );
+    let dec = model(
+        vec![value("z", &[2]), value("context", &[3])],
+        vec![value("x", &[2])],
+    );
+    std::fs::write(tmp.path().join(ENCODE_FILE), &enc).unwrap();
+    std::fs::write(tmp.path().join(DECODE_FILE), &dec).unwrap();
+    m.graphs = Graphs::standard(
+        &[2],
+        sha256_hex(&enc),
+        sha256_hex(&dec),
+        [Cost::OnePass; 2],
+        false,
+        3,
+    );
+    m.write(tmp.path()).unwrap();
+    let opened = Package::open(tmp.path()).unwrap();
+    assert_eq!(opened.manifest.context, Some(wine_context()));
+
+    // A spec a client could not use is refused by name.
+    for (edit, says) in [
+        (
+            Box::new(|c: &mut ContextSpec| c.columns[2].name = "colour".into())
+                as Box<dyn Fn(&mut ContextSpec)>,
+            "\"colour\" appears twice",
+        ),
+        (
+            Box::new(|c: &mut ContextSpec| {
+                c.columns[2].kind = ContextKind::Numeric {
+                    mean: 0.0,
+                    std: 0.0,
+                }
+            }),
+            "positive std",
+        ),
+        (
+            Box::new(|c: &mut ContextSpec| {
+                c.columns[0].kind = ContextKind::Categorical { categories: vec![] }
+            }),
+            "no categories",
+        ),
+        (
+            Box::new(|c: &mut ContextSpec| {
+                c.columns[0].kind = ContextKind::Categorical {
+                    categories: vec!["red".into(), "red".into()],
+                }
+            }),
+            "category \"red\" twice",
+        ),
+        (
+            Box::new(|c: &mut ContextSpec| c.embedding = Some(0)),
+            "embedding",
+        ),
+    ] {
+        let mut bad = m.clone();
+        edit(bad.context.as_mut().unwrap());
+        bad.write(tmp.path()).unwrap();
+        let e = open_err(tmp.path());
+        assert!(e.contains(says), "{says}: {e}");
+    }
+}
+
+#[test]
+fn context_values_become_what_the_graphs_take() {
+    let spec = wine_context();
+    let [colour, quality, hour] = &spec.columns[..] else {
+        panic!()
+    };
+    assert_eq!(colour.graph_value(ContextValue::Text("white")), Ok(1.0));
+    assert_eq!(quality.graph_value(ContextValue::Text("8")), Ok(2.0));
+    // A number names the category spelled the same, never an index.
+    assert_eq!(quality.graph_value(ContextValue::Number(5.0)), Ok(1.0));
+    let e = quality.graph_value(ContextValue::Number(1.0)).unwrap_err();
+    assert!(
+        e.contains("no category \"1\"") && e.contains("3, 5, 8"),
+        "{e}"
+    );
+    let e = colour.graph_value(ContextValue::Text("rosé")).unwrap_err();
+    assert!(e.contains("\"colour\" has no category \"rosé\""), "{e}");
+    assert_eq!(hour.graph_value(ContextValue::Number(13.5)), Ok(13.5));
+    for bad in [ContextValue::Number(f64::NAN), ContextValue::Number(1e300)] {
+        let e = hour.graph_value(bad).unwrap_err();
+        assert!(e.contains("\"hour\" must be a finite float32"), "{e}");
+    }
+    let e = hour.graph_value(ContextValue::Text("noon")).unwrap_err();
+    assert!(e.contains("\"hour\" is numeric"), "{e}");
+    assert_eq!(spec.width(), 3);
+    assert_eq!(spec.encoded_width(), 2 + 3 + 1);
+    assert_eq!(spec.column("hour").map(|(i, _)| i), Some(2));
+}

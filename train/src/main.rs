@@ -208,6 +208,10 @@ struct SampleArgs {
     /// A conditional model's context for every sample: `name=value`, comma-separated.
     #[arg(long, value_delimiter = ',')]
     context: Vec<String>,
+    /// A categorical context column: draw -n samples for each of its categories (the same
+    /// latents for each), one row of the PNG grid per category.
+    #[arg(long)]
+    rows_by: Option<String>,
     /// Output: .csv (a header of feature names) or .png (a scatter plot of 2-D models, a grid
     /// of image samples).
     #[arg(long)]
@@ -482,22 +486,50 @@ fn sample(a: SampleArgs) -> Result<()> {
     if !["csv", "png"].contains(&ext.as_str()) {
         bail!("--out must end in .csv or .png, got {}", a.out.display());
     }
+    if a.rows_by.is_some() && ext != "png" {
+        bail!("--rows-by draws a PNG grid, one row per category; for a CSV, sample each context with --context");
+    }
     let mut runner = PackageRunner::open(&a.model)?;
     let dim = runner.package.event_size();
     let seed = a.seed.unwrap_or_else(rand::random);
     let z = latent_noise(a.num_samples, dim, a.temperature, seed);
-    let context = sample_context(&a.context, &runner.package.manifest)?;
-    let x = runner.decode(&z, &context.repeat(a.num_samples))?;
-    let names = runner
-        .package
-        .manifest
+    let m = runner.package.manifest.clone();
+    // One group of samples per context: the given one, or each category of --rows-by.
+    let groups: Vec<Vec<String>> = match &a.rows_by {
+        None => vec![a.context.clone()],
+        Some(column) => {
+            let categories = match m.context.as_ref().and_then(|c| c.column(column)) {
+                Some((_, c)) => match &c.kind {
+                    flowpack::ContextKind::Categorical { categories } => categories.clone(),
+                    flowpack::ContextKind::Numeric { .. } => {
+                        bail!("--rows-by {column}: a numeric column has no categories")
+                    }
+                },
+                None => bail!("--rows-by: the model has no context column {column:?}"),
+            };
+            categories
+                .iter()
+                .map(|k| {
+                    let mut pairs = a.context.clone();
+                    pairs.push(format!("{column}={k}"));
+                    pairs
+                })
+                .collect()
+        }
+    };
+    let mut x = Vec::with_capacity(groups.len() * z.len());
+    for pairs in &groups {
+        let context = sample_context(pairs, &m)?;
+        x.extend(runner.decode(&z, &context.repeat(a.num_samples))?);
+    }
+    let names = m
         .domain
         .features
         .clone()
         .unwrap_or_else(|| (0..dim).map(|i| format!("x{i}")).collect());
-    let m = &runner.package.manifest;
     if ext == "png" && m.event_shape.len() == 3 {
-        let png = flowpack::image::grid_png(&x, &m.event_shape, m.domain.pixel_range, None)
+        let columns = a.rows_by.as_ref().map(|_| a.num_samples);
+        let png = flowpack::image::grid_png(&x, &m.event_shape, m.domain.pixel_range, columns)
             .map_err(|e| anyhow::anyhow!("cannot draw the samples: {e}"))?;
         std::fs::write(&a.out, png).with_context(|| format!("cannot write {}", a.out.display()))?;
     } else {
@@ -505,7 +537,7 @@ fn sample(a: SampleArgs) -> Result<()> {
     }
     println!(
         "wrote {} samples (seed {seed}, temperature {}) to {}",
-        a.num_samples,
+        x.len() / dim,
         a.temperature,
         a.out.display()
     );

@@ -404,3 +404,159 @@ fn the_anomaly_preset_trains_an_explainable_maf_and_calibrate_replaces_its_refer
         .unwrap();
     assert_one_line_error(out, "\"c\"");
 }
+
+/// Runs flowtrain with `args`; `(success, stdout, stderr)`.
+fn run(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let out = flowtrain().args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_conditional_model_evaluates_and_samples_given_its_context() {
+    use std::ffi::OsStr;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, csv) = (tmp.path().join("m"), tmp.path().join("data.csv"));
+    let mut text = String::from("u,shop,v\n");
+    for i in 0..400 {
+        let t = i as f32 / 40.0;
+        let shop = ["north", "south"][i % 2];
+        text.push_str(&format!(
+            "{},{shop},{}\n",
+            t.sin() + (i % 2) as f32 * 3.0,
+            t.cos()
+        ));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let o = |s: &'static str| OsStr::new(s);
+    let (ok, _, err) = run(&[
+        o("train"),
+        o("--family"),
+        o("maf"),
+        o("--steps"),
+        o("60"),
+        o("--quiet"),
+        o("--context"),
+        o("shop"),
+        o("--data"),
+        csv.as_os_str(),
+        o("--out"),
+        dir.as_os_str(),
+    ]);
+    assert!(ok, "{err}");
+    let m = manifest(&dir);
+    assert_eq!(
+        m.domain.features,
+        Some(vec!["u".to_string(), "v".to_string()])
+    );
+    assert_eq!(m.context.as_ref().unwrap().columns[0].name, "shop");
+
+    // eval reads the context column of the CSV by name.
+    let (ok, out, err) = run(&[
+        o("eval"),
+        o("--model"),
+        dir.as_os_str(),
+        o("--data"),
+        csv.as_os_str(),
+    ]);
+    assert!(
+        ok && out.contains("400 rows") && out.contains("nats/example"),
+        "{out}{err}"
+    );
+
+    // Samples need the context, by name, with a known category.
+    let samples = tmp.path().join("s.csv");
+    let sample = |extra: &[&OsStr]| {
+        let mut args = vec![
+            o("sample"),
+            o("-n"),
+            o("50"),
+            o("--seed"),
+            o("3"),
+            o("--model"),
+            dir.as_os_str(),
+            o("--out"),
+            samples.as_os_str(),
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let (ok, out, err) = sample(&[o("--context"), o("shop=south")]);
+    assert!(ok && out.contains("wrote 50 samples"), "{out}{err}");
+    let south = std::fs::read_to_string(&samples).unwrap();
+    let (ok, _, _) = sample(&[o("--context"), o("shop=north")]);
+    assert!(ok);
+    assert_ne!(
+        south,
+        std::fs::read_to_string(&samples).unwrap(),
+        "the context changes the samples"
+    );
+    for (extra, says) in [
+        (vec![], "give shop=..."),
+        (
+            vec![o("--context"), o("shop=east")],
+            "no category \"east\" (categories: north, south)",
+        ),
+        (
+            vec![o("--context"), o("city=x")],
+            "no context column \"city\"",
+        ),
+        (
+            vec![o("--rows-by"), o("shop")],
+            "--rows-by draws a PNG grid",
+        ),
+    ] {
+        let (ok, _, err) = sample(&extra);
+        assert!(!ok && err.contains(says), "{says}: {err}");
+    }
+}
+
+#[test]
+fn a_class_conditional_image_model_draws_one_row_per_class() {
+    use std::ffi::OsStr;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("g");
+    let o = |s: &'static str| OsStr::new(s);
+    let (ok, _, err) = run(&[
+        o("train"),
+        o("--family"),
+        o("glow"),
+        o("--data"),
+        o("digits"),
+        o("--context"),
+        o("label:categorical"),
+        o("--layers"),
+        o("1"),
+        o("--hidden"),
+        o("4"),
+        o("--steps"),
+        o("3"),
+        o("--quiet"),
+        o("--out"),
+        dir.as_os_str(),
+    ]);
+    assert!(ok, "{err}");
+    let png = tmp.path().join("grid.png");
+    let (ok, out, err) = run(&[
+        o("sample"),
+        o("--model"),
+        dir.as_os_str(),
+        o("--rows-by"),
+        o("label"),
+        o("-n"),
+        o("4"),
+        o("--seed"),
+        o("1"),
+        o("--out"),
+        png.as_os_str(),
+    ]);
+    assert!(ok && out.contains("wrote 40 samples"), "{out}{err}");
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let info = decoder.read_info().unwrap().info().clone();
+    // 10 rows of 4 images, each image scaled to the same square size.
+    let ratio = info.height as f64 / info.width as f64;
+    assert!((ratio - 2.5).abs() < 0.05, "{}×{}", info.width, info.height);
+}

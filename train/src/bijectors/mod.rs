@@ -58,7 +58,7 @@ pub struct Ctx<'a> {
     pub mask_set: u64,
     /// The conditioners' context input `[N, K]` of a conditional flow (the encoded and
     /// embedded context, one row per example); `None` for unconditional flows. Its ONNX
-    /// twin is [`Graph::context`].
+    /// twin is [`Graph::context_for`].
     pub context: Option<&'a Tensor>,
 }
 
