@@ -23,5 +23,7 @@ wine|--family realnvp --data wine --layers 5 --hidden 100 --batch-norm true --st
 wine_maf|--family maf --data wine --layers 5 --hidden 100 --batch-norm true --permutation reverse --steps 4000 --eval-every 50 --patience 20 --seed 1
 shuttle|--preset anomaly --data .data/shuttle_normal.csv --seed 1
 digits|--family glow --data digits --layers 4 --levels 2 --hidden 32 --steps 1500 --eval-every 100 --patience 5 --seed 1
+wine_by_quality|--family maf --data wine --context quality:categorical --layers 5 --hidden 100 --batch-norm true --permutation reverse --steps 4000 --eval-every 50 --patience 20 --seed 1
+digits_by_label|--family glow --data digits --context label:categorical --layers 4 --levels 2 --hidden 32 --steps 1500 --eval-every 100 --patience 5 --seed 1
 LIST
 echo "bundled packages are in $MODELS/"

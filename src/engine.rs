@@ -59,23 +59,45 @@ impl Engine {
         })
     }
 
-    /// An engine over a graph session.
+    /// An engine over a graph session. A conditional graph's batch rows carry each row's
+    /// context after its values; they are split into the graph's two inputs here.
     pub fn start(mut session: GraphSession, name: &str) -> std::io::Result<Engine> {
+        let widths = session.input_widths();
         Engine::spawn(name, move |rows| {
-            session.run(rows).map_err(|e| e.to_string())
+            match widths[..] {
+                [_] => session.run(rows),
+                [d, k] => {
+                    let (x, c) = split_rows(rows, d, k);
+                    session.run_inputs(&[&x, &c])
+                }
+                _ => return Err(format!("a graph of {} inputs is not served", widths.len())),
+            }
+            .map_err(|e| e.to_string())
         })
     }
+}
+
+/// Rows of `d + k` values split into `d` and `k` values per row.
+fn split_rows(rows: &[f32], d: usize, k: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = rows.len() / (d + k);
+    let (mut x, mut c) = (Vec::with_capacity(n * d), Vec::with_capacity(n * k));
+    for row in rows.chunks_exact(d + k) {
+        x.extend_from_slice(&row[..d]);
+        c.extend_from_slice(&row[d..]);
+    }
+    (x, c)
 }
 
 /// Runs zeros through `session` at batch sizes 1 and `max_rows`, so the first client does
 /// not pay for allocation and kernel selection. Fails if the graph does not run or returns
 /// non-finite values.
 pub fn warm_up(session: &mut GraphSession, max_rows: usize) -> Result<(), String> {
-    let width = session.input_width();
+    let widths = session.input_widths();
     for rows in [1, max_rows.max(1)] {
-        let out = session
-            .run(&vec![0f32; rows * width])
-            .map_err(|e| e.to_string())?;
+        // Zeros are a valid context too: numeric values, or each column's first category.
+        let zeros: Vec<Vec<f32>> = widths.iter().map(|w| vec![0f32; rows * w]).collect();
+        let inputs: Vec<&[f32]> = zeros.iter().map(Vec::as_slice).collect();
+        let out = session.run_inputs(&inputs).map_err(|e| e.to_string())?;
         if out.iter().flatten().any(|v| !v.is_finite()) {
             return Err("warm-up on zeros returned non-finite values".into());
         }

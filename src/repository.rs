@@ -27,6 +27,9 @@ pub struct Model {
     pub package: Package,
     /// Scalars per example.
     pub event_size: usize,
+    /// Context values per example of a conditional model (0: unconditional). Its queues
+    /// carry each row's context after its values.
+    pub context_width: usize,
     placements: [Placement; 2],
     /// Per graph, the providers passed over before its placement, and why (empty unless it
     /// fell back).
@@ -289,13 +292,6 @@ struct Opened {
 /// Checks the package and builds and warms both sessions (blocking work).
 fn open(dir: &Path, options: &LoadOptions) -> Result<Opened, String> {
     let package = Package::open(dir).map_err(|e| e.to_string())?;
-    if let Some(c) = &package.manifest.context {
-        let names: Vec<&str> = c.columns.iter().map(|c| c.name.as_str()).collect();
-        return Err(format!(
-            "a conditional model p(x | {}): this server does not serve context inputs yet",
-            names.join(", ")
-        ));
-    }
     let session = |d: Direction| -> Result<GraphSession, String> {
         let graph = package.manifest.graphs.get(d);
         let path = package.path(&graph.file);
@@ -354,6 +350,7 @@ pub async fn load_version(
         engines.push(engine);
     }
     let event_size = package.event_size();
+    let context_width = package.manifest.context.as_ref().map_or(0, |c| c.width());
     let metrics = metrics.for_model(
         name,
         version,
@@ -368,7 +365,7 @@ pub async fn load_version(
         queues.push(Batcher::start(
             engine.feed,
             options.batch,
-            event_size,
+            event_size + context_width,
             widths,
             metrics.queue(graph),
         ));
@@ -380,6 +377,7 @@ pub async fn load_version(
         version,
         package,
         event_size,
+        context_width,
         placements,
         passed_over,
         metrics,

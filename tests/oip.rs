@@ -12,6 +12,8 @@ use flowpack::Direction::{Decode, Encode};
 use flowpack::Manifest;
 use serde_json::{json, Value};
 
+/// The bundled unconditional models (the conditional ones' context tensor is tested in
+/// tests/conditional.rs).
 const MODELS: [&str; 5] = ["digits", "moons", "shuttle", "wine", "wine_maf"];
 
 /// `n` deterministic rows inside each feature's observed range.

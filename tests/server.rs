@@ -16,22 +16,6 @@ fn test_rows(d: usize, n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Rows as the wire wants them: flat arrays for `[D]` events, nested `[C][H][W]` for images.
-fn rows_json(v: &[f32], shape: &[usize]) -> Value {
-    fn nest(v: &[f32], shape: &[usize]) -> Value {
-        match shape {
-            [_] => json!(v),
-            [_, rest @ ..] => {
-                let inner: usize = rest.iter().product();
-                Value::Array(v.chunks(inner).map(|c| nest(c, rest)).collect())
-            }
-            [] => unreachable!("events have a shape"),
-        }
-    }
-    let d: usize = shape.iter().product();
-    Value::Array(v.chunks(d).map(|r| nest(r, shape)).collect())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn endpoints_match_the_graphs_run_directly() {
     let repo = bundled_models();
@@ -149,7 +133,15 @@ async fn endpoints_match_the_graphs_run_directly() {
         .collect();
     assert_eq!(
         names,
-        vec!["digits", "moons", "shuttle", "wine", "wine_maf"]
+        vec![
+            "digits",
+            "digits_by_label",
+            "moons",
+            "shuttle",
+            "wine",
+            "wine_by_quality",
+            "wine_maf"
+        ]
     );
     let r = server
         .client
@@ -437,7 +429,7 @@ async fn bad_input_gets_a_4xx_json_error_naming_the_problem() {
             r#"{"inputs": [[1, 2]]}"#.into(),
             422,
             "invalid_input",
-            "digits, moons, shuttle, wine, wine_maf",
+            "digits, digits_by_label, moons, shuttle, wine, wine_by_quality, wine_maf",
         ),
         (
             "/log_prob",
@@ -664,9 +656,11 @@ async fn a_corrupt_package_is_refused_while_the_valid_ones_serve() {
         served,
         vec![
             ("digits".to_string(), 1),
+            ("digits_by_label".to_string(), 1),
             ("moons".to_string(), 1),
             ("shuttle".to_string(), 1),
             ("wine".to_string(), 1),
+            ("wine_by_quality".to_string(), 1),
             ("wine_maf".to_string(), 1)
         ],
         "wine falls back to version 1"

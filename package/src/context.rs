@@ -120,6 +120,31 @@ impl ContextColumn {
     }
 }
 
+impl ContextColumn {
+    /// Whether `v` is a value the graphs take for this column as it stands (tensor clients
+    /// send graph values): a finite number, or a category index.
+    pub fn check_graph_value(&self, v: f32) -> Result<(), String> {
+        let name = &self.name;
+        match &self.kind {
+            ContextKind::Numeric { .. } if v.is_finite() => Ok(()),
+            ContextKind::Numeric { .. } => Err(format!(
+                "context column {name:?} must be a finite number, got {v}"
+            )),
+            ContextKind::Categorical { categories } => {
+                if v.fract() == 0.0 && v >= 0.0 && (v as usize) < categories.len() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "context column {name:?} takes a category index 0..{} ({}), got {v}",
+                        categories.len() - 1,
+                        categories.join(", ")
+                    ))
+                }
+            }
+        }
+    }
+}
+
 impl ContextSpec {
     /// Context values per row: the width of the graphs' `context` input.
     pub fn width(&self) -> usize {

@@ -126,13 +126,15 @@ impl Call {
     }
 
     /// Checks `rows` (the request's `field`) against the model's event shape and the row
-    /// limit, then runs them on `graph`.
+    /// limit, then runs them on `graph` with a conditional model's `context` (graph values,
+    /// one row per row; empty for an unconditional model).
     pub async fn run(
         &self,
         model: &Model,
         graph: Direction,
         field: &str,
         rows: Rows,
+        context: Vec<f32>,
         deadline: Instant,
     ) -> Result<Outputs, ApiError> {
         let event = &model.package.manifest.event_shape;
@@ -164,19 +166,41 @@ impl Call {
                 rows.count
             )));
         }
-        self.submit(model, graph, rows.values, deadline).await
+        self.submit(model, graph, rows.values, context, deadline)
+            .await
     }
 
-    /// Queues valid rows on `graph` and waits for them until `deadline`.
+    /// Queues valid rows on `graph` — with their graph-ready `context` for a conditional
+    /// model (empty otherwise) — and waits for them until `deadline`.
     pub async fn submit(
         &self,
         model: &Model,
         graph: Direction,
         values: Vec<f32>,
+        context: Vec<f32>,
         deadline: Instant,
     ) -> Result<Outputs, ApiError> {
-        self.scope.set_rows(values.len() / model.event_size);
-        let queued = model.queue(graph).submit(values, deadline);
+        let (d, k) = (model.event_size, model.context_width);
+        let rows = values.len() / d;
+        if context.len() != rows * k {
+            return Err(ApiError::Invalid(format!(
+                "context: {} values for {rows} rows of a model taking {k} per row",
+                context.len()
+            )));
+        }
+        self.scope.set_rows(rows);
+        let input = if k == 0 {
+            values
+        } else {
+            // The queue carries each row's context after its values (see Engine::start).
+            let mut joined = Vec::with_capacity(rows * (d + k));
+            for (x, c) in values.chunks_exact(d).zip(context.chunks_exact(k)) {
+                joined.extend_from_slice(x);
+                joined.extend_from_slice(c);
+            }
+            joined
+        };
+        let queued = model.queue(graph).submit(input, deadline);
         match tokio::time::timeout_at(deadline, queued).await {
             Ok(r) => r.map_err(ApiError::from),
             Err(_) => Err(ApiError::from(BatchError::Timeout)),

@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::call::{finite, Call};
+use super::context::per_row;
 use super::error::ApiError;
 use super::extract::{ApiJson, Deadline};
 use super::record::Served;
@@ -39,9 +40,10 @@ pub(super) async fn scored(
     model: &Model,
     field: &str,
     inputs: Rows,
+    context: Vec<f32>,
 ) -> Result<(Outputs, Option<Vec<f64>>), ApiError> {
     let out = call
-        .run(model, Direction::Encode, field, inputs, d.0)
+        .run(model, Direction::Encode, field, inputs, context, d.0)
         .await?;
     finite(&out.values[1], 1, field, OUT_OF_DOMAIN)?;
     model.metrics.observe_log_prob(&out.values[1]);
@@ -71,7 +73,8 @@ pub(super) async fn score(call: Call, d: Deadline, ApiJson(req): ApiJson<ScoreRe
             "top must be at least 1 (leave it out for every feature)".into(),
         ));
     }
-    let (out, tails) = scored(&call, d, &model, "inputs", req.inputs).await?;
+    let context = per_row(&model, req.context.as_ref(), req.inputs.count)?;
+    let (out, tails) = scored(&call, d, &model, "inputs", req.inputs, context).await?;
     let tails = tails.expect("Scorer::new checked the reference set");
     let contributions = match (req.contributions.unwrap_or(true), out.values.get(2)) {
         (true, Some(terms)) if scorer.has_terms => {
@@ -96,7 +99,8 @@ pub(super) async fn score(call: Call, d: Deadline, ApiJson(req): ApiJson<ScoreRe
 /// `POST /log_prob`: log p(x) per row.
 pub(super) async fn log_prob(call: Call, d: Deadline, ApiJson(req): Inputs) -> Answer {
     let model = call.model(req.model.as_deref())?;
-    let (out, _) = scored(&call, d, &model, "inputs", req.inputs).await?;
+    let context = per_row(&model, req.context.as_ref(), req.inputs.count)?;
+    let (out, _) = scored(&call, d, &model, "inputs", req.inputs, context).await?;
     let lp = &out.values[1];
     let body = LogProbOut {
         model: &model.name,
@@ -109,7 +113,8 @@ pub(super) async fn log_prob(call: Call, d: Deadline, ApiJson(req): Inputs) -> A
 /// `POST /encode`: z and log p(x) per row.
 pub(super) async fn encode(call: Call, d: Deadline, ApiJson(req): Inputs) -> Answer {
     let model = call.model(req.model.as_deref())?;
-    let (out, _) = scored(&call, d, &model, "inputs", req.inputs).await?;
+    let context = per_row(&model, req.context.as_ref(), req.inputs.count)?;
+    let (out, _) = scored(&call, d, &model, "inputs", req.inputs, context).await?;
     let (z, lp) = (&out.values[0], &out.values[1]);
     finite(z, model.event_size, "inputs", OUT_OF_DOMAIN)?;
     let event_shape = &model.package.manifest.event_shape;
@@ -132,8 +137,16 @@ pub(super) async fn decode(
     ApiJson(req): ApiJson<LatentsRequest>,
 ) -> Answer {
     let model = call.model(req.model.as_deref())?;
+    let context = per_row(&model, req.context.as_ref(), req.latents.count)?;
     let out = call
-        .run(&model, Direction::Decode, "latents", req.latents, d)
+        .run(
+            &model,
+            Direction::Decode,
+            "latents",
+            req.latents,
+            context,
+            d,
+        )
         .await?;
     let why = "the decoded sample overflowed float32: the latent lies too far out";
     finite(&out.values[0], model.event_size, "latents", why)?;
@@ -171,6 +184,7 @@ pub(super) async fn sample(
         )));
     }
     let n = req.num_samples as usize;
+    let context = super::context::for_samples(&model, req.context.as_ref(), n)?;
     let seed = req.seed.unwrap_or_else(rand::random);
     let z = flowpack::sampling::latent_noise(n, model.event_size, t, seed);
     if z.iter().any(|v| !v.is_finite()) {
@@ -178,7 +192,9 @@ pub(super) async fn sample(
             "temperature: {t:?} makes the latent noise overflow float32; lower it"
         )));
     }
-    let out = call.submit(&model, Direction::Decode, z, d).await?;
+    let out = call
+        .submit(&model, Direction::Decode, z, context, d)
+        .await?;
     let x = &out.values[0];
     let why = format!("the decoded sample overflowed float32 at temperature {t:?}; lower it");
     finite(x, model.event_size, "samples", &why)?;
@@ -241,6 +257,8 @@ struct Summary<'a> {
     family: &'a str,
     event_shape: &'a [usize],
     domain: &'a Domain,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<&'a flowpack::ContextSpec>,
     metrics: &'a Metrics,
     cost: Costs,
     execution_providers: Providers<'a>,
@@ -310,6 +328,7 @@ fn summary(m: &Model) -> Summary<'_> {
         family: &man.family,
         event_shape: &man.event_shape,
         domain: &man.domain,
+        context: man.context.as_ref(),
         metrics: &man.metrics,
         cost: Costs {
             encode: man.graphs.encode.cost,

@@ -3,6 +3,7 @@
 //! that the [`record`] layer measures.
 
 pub(crate) mod call;
+mod context;
 mod error;
 mod extract;
 pub(crate) mod handlers;

@@ -20,12 +20,13 @@ use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use flowpack::signature::{DATA, LATENT, LOG_PROB, LOG_PROB_TERMS};
+use flowpack::signature::{CONTEXT, DATA, LATENT, LOG_PROB, LOG_PROB_TERMS};
 use flowpack::Direction;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::call::{finite, Call};
+use super::context::from_tensor;
 use super::error::ApiError;
 use super::extract::{explain, Body, Deadline};
 use super::handlers::{ready, scored, OUT_OF_DOMAIN};
@@ -203,6 +204,19 @@ const TEMPERATURE: &str = "temperature";
 const SEED: &str = "seed";
 
 fn signature(model: &Model, view: View) -> (Vec<TensorMeta>, Vec<TensorMeta>) {
+    let (mut inputs, outputs) = signature_without_context(model, view);
+    // A conditional model takes its context as a second FP32 tensor, one row per example.
+    if model.context_width > 0 {
+        inputs.push(meta(
+            CONTEXT,
+            DataType::Fp32,
+            vec![-1, model.context_width as i64],
+        ));
+    }
+    (inputs, outputs)
+}
+
+fn signature_without_context(model: &Model, view: View) -> (Vec<TensorMeta>, Vec<TensorMeta>) {
     match view {
         View::Encode => (
             vec![meta(DATA, DataType::Fp32, batched(model))],
@@ -343,7 +357,7 @@ pub(crate) async fn run(
         version: req.version,
     };
     let (model, view) = resolve(call, &p)?;
-    let inputs = req.inputs;
+    let mut inputs = req.inputs;
     let (expected, available) = signature(&model, view);
     for i in &inputs {
         if !expected.iter().any(|e| e.name == i.name) {
@@ -389,9 +403,11 @@ pub(crate) async fn run(
     };
     match view {
         View::Encode => {
+            let context = take_optional(&mut inputs, CONTEXT);
             let x = rows(take(inputs, DATA, &p.name)?, event)?;
             let n = x.count;
-            let (out, tails) = scored(call, Deadline(deadline), &model, DATA, x).await?;
+            let context = from_tensor(&model, context, n)?;
+            let (out, tails) = scored(call, Deadline(deadline), &model, DATA, x, context).await?;
             let mut outputs = Vec::with_capacity(wanted.len());
             for name in wanted {
                 let (shape, src) = match name {
@@ -411,10 +427,12 @@ pub(crate) async fn run(
             Ok(answer(out, tails, outputs, None))
         }
         View::Decode => {
+            let context = take_optional(&mut inputs, CONTEXT);
             let z = rows(take(inputs, LATENT, &p.name)?, event)?;
             let n = z.count;
+            let context = from_tensor(&model, context, n)?;
             let out = call
-                .run(&model, Direction::Decode, LATENT, z, deadline)
+                .run(&model, Direction::Decode, LATENT, z, context, deadline)
                 .await?;
             let why = "the decoded sample overflowed float32: the latent lies too far out";
             finite(&out.values[0], model.event_size, LATENT, why)?;
@@ -426,7 +444,6 @@ pub(crate) async fn run(
             ))
         }
         View::Sample => {
-            let mut inputs = inputs;
             let n = scalar_int(&mut inputs, NUM_SAMPLES)?.ok_or_else(|| {
                 ApiError::Malformed(format!("{} needs input {NUM_SAMPLES:?}", p.name))
             })?;
@@ -452,13 +469,22 @@ pub(crate) async fn run(
                 })?,
             };
             let n = n as usize;
+            // One context row per sample (N = num_samples), or one for all (N = 1).
+            let context = match take_optional(&mut inputs, CONTEXT) {
+                Some(c) if c.shape.first() == Some(&1) && n > 1 => {
+                    from_tensor(&model, Some(c), 1)?.repeat(n)
+                }
+                c => from_tensor(&model, c, n)?,
+            };
             let z = flowpack::sampling::latent_noise(n, model.event_size, t, seed);
             if z.iter().any(|v| !v.is_finite()) {
                 return Err(ApiError::Invalid(format!(
                     "input {TEMPERATURE:?}: {t:?} makes the latent noise overflow float32; lower it"
                 )));
             }
-            let out = call.submit(&model, Direction::Decode, z, deadline).await?;
+            let out = call
+                .submit(&model, Direction::Decode, z, context, deadline)
+                .await?;
             let why =
                 format!("the decoded sample overflowed float32 at temperature {t:?}; lower it");
             finite(&out.values[0], model.event_size, DATA, &why)?;

@@ -153,6 +153,8 @@ pub struct InputsRequest {
     pub model: Option<String>,
     /// Data rows.
     pub inputs: Rows,
+    /// A conditional model's context, one row per input row.
+    pub context: Option<serde_json::Value>,
 }
 
 /// `/decode`.
@@ -163,6 +165,8 @@ pub struct LatentsRequest {
     pub model: Option<String>,
     /// Latent rows.
     pub latents: Rows,
+    /// A conditional model's context, one row per latent row.
+    pub context: Option<serde_json::Value>,
 }
 
 /// `/sample`.
@@ -180,6 +184,8 @@ pub struct SampleRequest {
     /// `json` (the samples as numbers, default) or `png` (image models: a picture of the
     /// samples in a grid, base64 in JSON, or the PNG itself with `Accept: image/png`).
     pub format: Option<SampleFormat>,
+    /// A conditional model's context: one row for every sample, or one per sample.
+    pub context: Option<serde_json::Value>,
 }
 
 /// How `/sample` returns its samples.
@@ -309,6 +315,8 @@ pub struct ScoreRequest {
     pub model: Option<String>,
     /// Data rows.
     pub inputs: Rows,
+    /// A conditional model's context, one row per input row.
+    pub context: Option<serde_json::Value>,
     /// Flag rows whose tail probability is at or below this (default: the model's).
     pub threshold: Option<f64>,
     /// Include per-feature terms when the model has them (default true).

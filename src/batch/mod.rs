@@ -217,6 +217,14 @@ fn format_of(path: &Path, flag: &str) -> Result<Format> {
 pub fn run(args: &ScoreArgs) -> Result<Summary> {
     let started = Instant::now();
     let package = Package::open(&args.model)?;
+    if let Some(c) = &package.manifest.context {
+        let names: Vec<&str> = c.columns.iter().map(|c| c.name.as_str()).collect();
+        bail!(
+            "{} is a conditional model (context: {}); offline scoring does not read context columns yet: score it through the server's /score with a context per row",
+            args.model.display(),
+            names.join(", ")
+        );
+    }
     let scorer = Scorer::new(&package).map_err(anyhow::Error::msg)?;
     let threshold = match args.threshold {
         Some(t) => check_threshold(t).map_err(|e| anyhow::anyhow!("--{e}"))?,

@@ -196,10 +196,41 @@ impl Drop for Server {
 
 /// Runs a package graph directly through ONNX Runtime: every output, row-major.
 pub fn direct(dir: &Path, graph: flowpack::Direction, data: &[f32]) -> Vec<Vec<f32>> {
+    direct_given(dir, graph, data, &[])
+}
+
+/// [`direct`] for a conditional package: `context` holds each row's graph values (numbers,
+/// category indices).
+pub fn direct_given(
+    dir: &Path,
+    graph: flowpack::Direction,
+    data: &[f32],
+    context: &[f32],
+) -> Vec<Vec<f32>> {
     let p = flowpack::Package::open(dir).unwrap();
     let options = flowpack::runtime::SessionOptions::default();
     let mut s = flowpack::runtime::GraphSession::open(&p, graph, &options).unwrap();
-    s.run(data).unwrap()
+    if context.is_empty() {
+        s.run(data).unwrap()
+    } else {
+        s.run_inputs(&[data, context]).unwrap()
+    }
+}
+
+/// Rows as the wire wants them: flat arrays for `[D]` events, nested `[C][H][W]` for images.
+pub fn rows_json(v: &[f32], shape: &[usize]) -> serde_json::Value {
+    fn nest(v: &[f32], shape: &[usize]) -> serde_json::Value {
+        match shape {
+            [_] => serde_json::json!(v),
+            [_, rest @ ..] => {
+                let inner: usize = rest.iter().product();
+                serde_json::Value::Array(v.chunks(inner).map(|c| nest(c, rest)).collect())
+            }
+            [] => unreachable!("events have a shape"),
+        }
+    }
+    let d: usize = shape.iter().product();
+    serde_json::Value::Array(v.chunks(d).map(|r| nest(r, shape)).collect())
 }
 
 pub fn floats(v: &serde_json::Value) -> Vec<f32> {

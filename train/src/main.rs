@@ -336,6 +336,12 @@ fn train(a: TrainArgs) -> Result<()> {
             config.model.ensemble
         );
     }
+    for g in &s.test_nll_by_context {
+        println!(
+            "  given {:<12} {:.4} nats/example ({} test rows)",
+            g.context, g.nll, g.rows
+        );
+    }
     if let Some(b) = m.test_bits_per_dim {
         println!("test bits/dim {b:.4}");
     }

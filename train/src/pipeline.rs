@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::bijectors::Ctx;
 use crate::config::Config;
-use crate::data::{self, Splits};
+use crate::data::{self, Splits, Table};
 use crate::eval::{mean_nll, to_tensor};
 use crate::export::{export, ExportInfo};
 use crate::flows::{Flow, Preprocess};
@@ -33,6 +33,54 @@ pub struct Summary {
     pub ensemble_test_nll: Option<f64>,
     /// The best validation reverse KL(flow ‖ teacher) of a distilled flow, in nats.
     pub reverse_kl: Option<f64>,
+    /// A conditional flow with one categorical context column: the test NLL of each
+    /// category's rows.
+    pub test_nll_by_context: Vec<GroupNll>,
+}
+
+/// The test NLL of the rows of one context category.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupNll {
+    /// The category.
+    pub context: String,
+    /// Test rows in it.
+    pub rows: usize,
+    /// Their mean NLL, nats per example.
+    pub nll: f64,
+}
+
+/// Per category of a single categorical context column, the mean NLL of `table`'s rows
+/// (dequantised with the test noise); empty for other contexts.
+pub fn nll_by_context(
+    flow: &Flow,
+    data: &Splits,
+    table: &Table,
+    deq: &[f32],
+) -> Result<Vec<GroupNll>> {
+    let Some(spec) = &data.context else {
+        return Ok(Vec::new());
+    };
+    let [column] = &spec.columns[..] else {
+        return Ok(Vec::new());
+    };
+    let flowpack::ContextKind::Categorical { categories } = &column.kind else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (k, name) in categories.iter().enumerate() {
+        let idx: Vec<usize> = (0..table.rows())
+            .filter(|&r| table.context[r] == k as f32)
+            .collect();
+        if idx.is_empty() {
+            continue;
+        }
+        out.push(GroupNll {
+            context: format!("{}={name}", column.name),
+            rows: idx.len(),
+            nll: mean_nll(flow, &table.select(&idx), deq, TEST_NOISE, 1)?,
+        });
+    }
+    Ok(out)
 }
 
 /// A flow built for `config` over `data`, with its parameter store and dequantised columns.
@@ -141,6 +189,7 @@ pub fn train_and_export(
     } else {
         None
     };
+    let test_nll_by_context = nll_by_context(&flow, &data, &data.test, &deq)?;
     let dim = data.train.dim;
     let bits = deq
         .iter()
@@ -205,6 +254,14 @@ pub fn train_and_export(
         ensemble_test_nll,
         test_bits_per_dim: bits,
         skipped_steps: outcome.nan_skips,
+        context: data.context.as_ref().map(|c| {
+            c.columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        }),
+        test_nll_by_context: &test_nll_by_context,
     };
     std::fs::write(
         out.join("summary.json"),
@@ -216,6 +273,7 @@ pub fn train_and_export(
         parameters: params.count(),
         ensemble_test_nll,
         reverse_kl,
+        test_nll_by_context,
     })
 }
 
@@ -239,6 +297,9 @@ struct Report<'a> {
     ensemble_test_nll: Option<f64>,
     test_bits_per_dim: Option<f64>,
     skipped_steps: u64,
+    /// The context columns of a conditional flow, comma-separated.
+    context: Option<String>,
+    test_nll_by_context: &'a [GroupNll],
 }
 
 /// A finished (or interrupted) run read back from its folder: its configuration, its data
