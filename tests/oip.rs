@@ -489,6 +489,26 @@ async fn tritonclient_gets_the_graphs_results_over_http_and_grpc() {
             "features": m.event_shape.iter().product::<usize>(),
         }));
     }
+    // The conditional models, with their context as a second tensor (category indices).
+    for (name, context) in [
+        ("wine_by_quality", [0.0f32, 1.0, 2.0, 4.0, 5.0]),
+        ("digits_by_label", [0.0, 3.0, 5.0, 7.0, 9.0]),
+    ] {
+        let dir = repo.join(name).join("1");
+        let m = flowpack::Package::open(&dir).unwrap().manifest;
+        let x = rows(&m, 5, 13);
+        let enc = direct_given(&dir, Encode, &x, &context);
+        let dec = direct_given(&dir, Decode, &enc[0], &context);
+        cases.push(json!({
+            "model": name,
+            "shape": shape_of(&m, 5),
+            "x": x,
+            "context": context,
+            "expected": {"z": enc[0], "log_prob": enc[1]},
+            "decoded": dec[0],
+            "features": m.event_shape.iter().product::<usize>(),
+        }));
+    }
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("cases.json");
     std::fs::write(&file, serde_json::to_vec(&cases).unwrap()).unwrap();

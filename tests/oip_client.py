@@ -2,7 +2,8 @@
 
 Usage: oip_client.py HOST:PORT CASES.json [HOST:GRPC_PORT]
 
-For every case (a bundled model, rows, and what its graphs compute for them) it checks,
+For every case (a bundled model, rows — with their context tensor for a conditional model — and
+what its graphs compute for them) it checks,
 with tritonclient.http: server and model liveness, readiness and metadata; inference with
 binary tensors (the client's default) and with JSON tensors, each output equal to the graphs
 within 1e-5; the decode view; and that bad tensors (wrong datatype, wrong shape, an unknown
@@ -32,19 +33,33 @@ def datatype(array):
     return "FP32" if array.dtype == np.float32 else "FP64"
 
 
-def infer(client, model, name, array, binary, outputs=None):
-    inp = httpclient.InferInput(name, list(array.shape), datatype(array))
-    inp.set_data_from_numpy(array, binary_data=binary)
+def context_of(case):
+    """A conditional model's FP32 context tensor (graph values, one row per example), or None."""
+    if "context" not in case:
+        return None
+    n = case["shape"][0]
+    return np.asarray(case["context"], dtype=np.float32).reshape(n, -1)
+
+
+def infer(client, model, name, array, binary, outputs=None, context=None):
+    inputs = []
+    for n, a in [(name, array)] + ([("context", context)] if context is not None else []):
+        inp = httpclient.InferInput(n, list(a.shape), datatype(a))
+        inp.set_data_from_numpy(a, binary_data=binary)
+        inputs.append(inp)
     wanted = None
     if outputs is not None:
         wanted = [httpclient.InferRequestedOutput(o, binary_data=binary) for o in outputs]
-    return client.infer(model, [inp], outputs=wanted)
+    return client.infer(model, inputs, outputs=wanted)
 
 
-def infer_grpc(client, model, name, array):
-    inp = grpcclient.InferInput(name, list(array.shape), datatype(array))
-    inp.set_data_from_numpy(array)
-    return client.infer(model, [inp])
+def infer_grpc(client, model, name, array, context=None):
+    inputs = []
+    for n, a in [(name, array)] + ([("context", context)] if context is not None else []):
+        inp = grpcclient.InferInput(n, list(a.shape), datatype(a))
+        inp.set_data_from_numpy(a)
+        inputs.append(inp)
+    return client.infer(model, inputs)
 
 
 def check_grpc(address, cases):
@@ -57,11 +72,13 @@ def check_grpc(address, cases):
         assert md.platform == "onnx_onnxv1" and md.inputs[0].name == "x", md
         assert list(md.inputs[0].shape)[0] == -1, md
         x = np.asarray(case["x"], dtype=np.float32).reshape(shape)
-        result = infer_grpc(client, model, "x", x)
+        c = context_of(case)
+        assert (c is None) == (len(md.inputs) == 1), md
+        result = infer_grpc(client, model, "x", x, c)
         for name, want in case["expected"].items():
             close(result.as_numpy(name).reshape(-1), want, f"{model} gRPC {name}")
         z = np.asarray(case["expected"]["z"], dtype=np.float32).reshape(shape)
-        dec = infer_grpc(client, model + ".decode", "z", z)
+        dec = infer_grpc(client, model + ".decode", "z", z, c)
         close(dec.as_numpy("x").reshape(-1), case["decoded"], f"{model} gRPC decode")
     case = cases[0]
     x = np.asarray(case["x"], dtype=np.float32).reshape(case["shape"])
@@ -107,12 +124,16 @@ def main():
         assert client.is_model_ready(model), model
         md = client.get_model_metadata(model)
         assert md["inputs"][0]["name"] == "x" and md["inputs"][0]["shape"][0] == -1, md
+        c = context_of(case)
+        if c is not None:
+            assert md["inputs"][1]["name"] == "context", md
+            assert md["inputs"][1]["shape"] == [-1, c.shape[1]], md
         expected = case["expected"]
         for binary in (True, False):
             how = "binary" if binary else "JSON"
             # No outputs named: the client asks for them all (as binary by default).
             result = infer(client, model, "x", x, binary,
-                           None if binary else list(expected) + ["tail_probability"])
+                           None if binary else list(expected) + ["tail_probability"], c)
             for name, want in expected.items():
                 got = result.as_numpy(name)
                 assert got is not None, f"{model} {how}: no output {name}"
@@ -121,8 +142,11 @@ def main():
             assert tails is not None and tails.dtype == np.float64, f"{model}: tail_probability"
             assert ((tails > 0) & (tails <= 1)).all(), tails
         z = np.asarray(expected["z"], dtype=np.float32).reshape(shape)
-        dec = infer(client, model + ".decode", "z", z, True)
+        dec = infer(client, model + ".decode", "z", z, True, context=c)
         close(dec.as_numpy("x").reshape(-1), case["decoded"], f"{model} decode")
+        if c is not None:
+            expect_error(f"{model} without its context", lambda: infer(client, model, "x", x, True),
+                         "conditional")
 
     # Bad tensors: protocol errors, and the server keeps serving.
     case = cases[0]
