@@ -24,6 +24,9 @@ pub enum Family {
     /// Multi-scale RealNVP on images: checkerboard then channel-mask couplings (Dinh et al., 2016).
     #[value(name = "realnvp_image")]
     RealnvpImage,
+    /// Neural spline flow: coupling layers whose map is a rational-quadratic spline
+    /// (Durkan et al., 2019).
+    Nsf,
 }
 
 impl Family {
@@ -37,6 +40,7 @@ impl Family {
             Family::Iaf => "iaf",
             Family::Glow => "glow",
             Family::RealnvpImage => "realnvp_image",
+            Family::Nsf => "nsf",
         }
     }
 
@@ -167,6 +171,10 @@ pub struct ModelConfig {
     /// Conditional flows: units of a learned context embedding (a two-layer MLP over the
     /// encoded context) that the conditioners see instead of the encoded context; 0: none.
     pub context_embedding: usize,
+    /// Spline flows: bins of each rational-quadratic spline.
+    pub bins: usize,
+    /// Spline flows: the splines act on [−B, B] (standardised data), the identity outside.
+    pub tail_bound: f64,
 }
 
 impl ModelConfig {
@@ -207,6 +215,8 @@ impl Default for ModelConfig {
             lu: true,
             learned_prior: false,
             context_embedding: 0,
+            bins: 8,
+            tail_bound: 3.0,
         }
     }
 }
@@ -384,6 +394,8 @@ impl Config {
             d.context.is_empty() || t.teacher.is_none(),
             "distillation (train.teacher) of conditional flows is not supported yet"
         );
+        crate::bijectors::RqSpline::new(m.bins, m.tail_bound)
+            .map_err(|e| anyhow::anyhow!("model.bins / model.tail_bound: {e}"))?;
         anyhow::ensure!(
             m.context_embedding == 0 || !d.context.is_empty(),
             "model.context_embedding needs context columns (data.context)"

@@ -167,6 +167,13 @@ struct TrainArgs {
     /// `quality` for wine, `label` for digits/mnist/fashion_mnist).
     #[arg(long, value_delimiter = ',')]
     context: Option<Vec<String>>,
+    /// Spline flows (nsf): bins per rational-quadratic spline.
+    #[arg(long)]
+    bins: Option<usize>,
+    /// Spline flows (nsf): the splines act on [-B, B] of the standardised data, the
+    /// identity outside.
+    #[arg(long)]
+    tail_bound: Option<f64>,
     /// Conditional flows: units of a learned embedding of the context (0: none).
     #[arg(long)]
     context_embedding: Option<usize>,
@@ -252,7 +259,8 @@ fn config_for(a: &TrainArgs) -> Result<Config> {
         c.model.connectivity_agnostic => a.connectivity_agnostic, c.model.ensemble => a.ensemble,
         c.model.levels => a.levels, c.model.additive => a.additive, c.model.lu => a.lu,
         c.model.learned_prior => a.learned_prior, c.data.context => a.context,
-        c.model.context_embedding => a.context_embedding,
+        c.model.context_embedding => a.context_embedding, c.model.bins => a.bins,
+        c.model.tail_bound => a.tail_bound,
     );
     if let Some(t) = &a.teacher {
         c.train.teacher = Some(t.display().to_string());

@@ -9,6 +9,7 @@
 //! | NICE | [`Partition::Split`] | [`Net::mlp`] | [`Elementwise::Shift`] |
 //! | RealNVP on rows | [`Partition::Split`] | [`Net::mlp`] | [`Elementwise::ClampedAffine`] |
 //! | RealNVP on images, Glow | [`Partition::Image`] | [`Net::conv`] | [`Elementwise::SigmoidAffine`] (or `Shift`: additive) |
+//! | neural spline flow (NSF) | either | either | [`Elementwise::Spline`] |
 //!
 //! The conditioner's last layer starts at zero, so a coupling starts as the identity (or,
 //! with `SigmoidAffine`, as a fixed scaling by sigmoid(2)).
@@ -20,6 +21,7 @@
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::spline::{emit_params_last, params_last, RqSpline};
 use super::{zero_rows, Bijector, Ctx, Dependence, LogDet, Mask, Split};
 use crate::nn::{Activation, Net, OutputFold};
 use crate::onnx::{Graph, Value};
@@ -52,6 +54,15 @@ pub enum Partition {
 }
 
 impl Partition {
+    /// The shape of one example's moved part as the map's parameters index it: `[n]` moved
+    /// features, or `[C, H, W]`.
+    fn moved_shape(&self) -> Result<Vec<usize>> {
+        Ok(match self {
+            Partition::Split(s) => vec![s.trans.len()],
+            Partition::Image { keep, .. } => keep.dims()[1..].to_vec(),
+        })
+    }
+
     /// The rank of the examples (with the batch axis).
     fn rank(&self) -> usize {
         match self {
@@ -172,6 +183,9 @@ pub enum Elementwise {
     /// `y = (x + t)·σ(h + 2)` (Glow's scale: near 1 at the start, never 0). Parameters:
     /// `t`, `h`.
     SigmoidAffine,
+    /// A monotonic rational-quadratic spline per element (neural spline flows), the identity
+    /// outside its interval. Parameters: K widths, K heights, K − 1 derivatives.
+    Spline(RqSpline),
 }
 
 impl Elementwise {
@@ -179,6 +193,7 @@ impl Elementwise {
     fn params(self) -> usize {
         match self {
             Elementwise::Shift => 1,
+            Elementwise::Spline(s) => s.params(),
             _ => 2,
         }
     }
@@ -203,6 +218,10 @@ impl Elementwise {
                 let y = (x + Self::block(h, 0, n)?)?.mul(&ls.exp()?)?;
                 (y, Some(ls))
             }
+            Elementwise::Spline(s) => {
+                let (y, ld) = s.forward(x, &params_last(h, s.params())?)?;
+                (y, Some(ld))
+            }
         })
     }
 
@@ -219,6 +238,7 @@ impl Elementwise {
                 let ls = candle_nn::ops::sigmoid(&(Self::block(h, 1, n)? + 2.0)?)?.log()?;
                 y.mul(&ls.neg()?.exp()?)? - Self::block(h, 0, n)?
             }
+            Elementwise::Spline(s) => s.inverse(y, &params_last(h, s.params())?),
         }
     }
 
@@ -228,7 +248,7 @@ impl Elementwise {
         let ones = vec![1f32; n];
         let zeros = vec![0f32; n];
         match self {
-            Elementwise::Shift => None,
+            Elementwise::Shift | Elementwise::Spline(_) => None,
             Elementwise::ClampedAffine { clamp } => Some(OutputFold {
                 scale: [vec![(1.0 / clamp) as f32; n], ones].concat(),
                 shift: [zeros.clone(), zeros].concat(),
@@ -244,7 +264,7 @@ impl Elementwise {
     /// log-scale (ClampedAffine: `c·tanh(h)`) or the scale (SigmoidAffine: `σ(h)`).
     fn emit_params(self, g: &mut Graph, h: &Value) -> (Value, Option<Value>) {
         match self {
-            Elementwise::Shift => (h.clone(), None),
+            Elementwise::Shift | Elementwise::Spline(_) => (h.clone(), None),
             Elementwise::ClampedAffine { clamp } => {
                 let (raw, t) = g.halves(h, 1);
                 let th = g.tanh(&raw);
@@ -259,8 +279,19 @@ impl Elementwise {
     }
 
     /// [`Elementwise::forward`] as ONNX nodes, on parameters with [`Elementwise::fold`]
-    /// applied; the log-scale per element.
-    fn emit_forward(self, g: &mut Graph, x: &Value, h: &Value) -> (Value, Option<Value>) {
+    /// applied, for moved parts shaped `moved` per example; the log-scale per element.
+    fn emit_forward(
+        self,
+        g: &mut Graph,
+        x: &Value,
+        h: &Value,
+        moved: &[usize],
+    ) -> (Value, Option<Value>) {
+        if let Elementwise::Spline(s) = self {
+            let u = emit_params_last(g, h, s.params(), moved[0], &moved[1..]);
+            let (y, ld) = s.emit_forward(g, x, &u);
+            return (y, Some(ld));
+        }
         match (self, self.emit_params(g, h)) {
             (Elementwise::ClampedAffine { .. }, (t, Some(s))) => {
                 let e = g.exp(&s);
@@ -277,7 +308,11 @@ impl Elementwise {
     }
 
     /// [`Elementwise::inverse`] as ONNX nodes, on folded parameters.
-    fn emit_inverse(self, g: &mut Graph, y: &Value, h: &Value) -> Value {
+    fn emit_inverse(self, g: &mut Graph, y: &Value, h: &Value, moved: &[usize]) -> Value {
+        if let Elementwise::Spline(s) = self {
+            let u = emit_params_last(g, h, s.params(), moved[0], &moved[1..]);
+            return s.emit_inverse(g, y, &u);
+        }
         match (self, self.emit_params(g, h)) {
             (Elementwise::ClampedAffine { .. }, (t, Some(s))) => {
                 let e = g.exp(&s);
@@ -404,6 +439,7 @@ impl Bijector for Coupling {
     fn name(&self) -> &'static str {
         match self.map {
             Elementwise::Shift => "additive_coupling",
+            Elementwise::Spline(_) => "spline_coupling",
             _ => "affine_coupling",
         }
     }
@@ -435,7 +471,8 @@ impl Bijector for Coupling {
         let h = self
             .net
             .emit(g, &input, self.map.fold(self.moved).as_ref())?;
-        let (y, log_scale) = self.map.emit_forward(g, &moved, &h);
+        let shape = self.part.moved_shape()?;
+        let (y, log_scale) = self.map.emit_forward(g, &moved, &h, &shape);
         let ld = match log_scale {
             Some(ls) => LogDet::Rows(self.part.emit_log_det(g, &ls)?),
             None => LogDet::Const(0.0),
@@ -450,7 +487,8 @@ impl Bijector for Coupling {
         let h = self
             .net
             .emit(g, &input, self.map.fold(self.moved).as_ref())?;
-        let x = self.map.emit_inverse(g, &moved, &h);
+        let shape = self.part.moved_shape()?;
+        let x = self.map.emit_inverse(g, &moved, &h, &shape);
         self.part.emit_join(g, &kept, &x)
     }
 }

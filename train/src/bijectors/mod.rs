@@ -28,6 +28,7 @@ mod logit;
 mod made;
 mod permutation;
 mod power;
+mod spline;
 mod split;
 mod squeeze;
 
@@ -45,6 +46,7 @@ pub use logit::Logit;
 pub use made::{degrees, Agnostic, Made};
 pub use permutation::Permutation;
 pub use power::{yeo_johnson, YeoJohnson, LAMBDA_RANGE};
+pub use spline::{emit_params_last, params_last, RqSpline, MIN_BIN, MIN_DERIVATIVE};
 pub use split::{Mask, Split};
 pub use squeeze::Squeeze;
 

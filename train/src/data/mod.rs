@@ -237,11 +237,20 @@ pub fn load(cfg: &DataConfig, seed: u64) -> Result<Splits> {
 /// features and carried beside each row.
 fn read_with_context(
     dataset: &str,
-    drop: &[String],
+    drop_columns: &[String],
     requests: &[ContextRequest],
 ) -> Result<(Table, ContextSpec)> {
-    let mut drop = drop.to_vec();
-    drop.extend(requests.iter().map(|r| r.name.clone()));
+    // The features: every column but the dropped ones and the context's.
+    let drop = |context_columns: &[String]| -> Vec<String> {
+        let mut d = drop_columns.to_vec();
+        d.extend(
+            requests
+                .iter()
+                .filter(|r| context_columns.contains(&r.name))
+                .map(|r| r.name.clone()),
+        );
+        d
+    };
     let (table, cells) = if let Some(full) = builtin::load(dataset)? {
         let label = builtin::label(dataset)?;
         let mut cells = Vec::new();
@@ -260,14 +269,16 @@ fn read_with_context(
                 );
             }
         }
-        // The label is not among the table's columns: drop only what is.
-        drop.retain(|d| full.names.contains(d));
-        (read_table(dataset, Columns::Drop(&drop))?, cells)
+        // The label is not among the table's columns: of the context, drop only what is.
+        (
+            read_table(dataset, Columns::Drop(&drop(&full.names)))?,
+            cells,
+        )
     } else if Path::new(dataset).extension().is_some_and(|e| e == "csv") {
         let names: Vec<String> = requests.iter().map(|r| r.name.clone()).collect();
         let cells = files::read_csv_cells(Path::new(dataset), &names)?;
         (
-            read_table(dataset, Columns::Drop(&drop))?,
+            read_table(dataset, Columns::Drop(&drop(&names)))?,
             cells.into_iter().map(context::Cells::from_text).collect(),
         )
     } else {

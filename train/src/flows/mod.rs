@@ -24,6 +24,7 @@ use crate::params::Params;
 mod image;
 mod maf;
 mod nice;
+mod nsf;
 mod realnvp;
 
 /// log(2π).
@@ -126,6 +127,7 @@ impl Flow {
         chain.append(match cfg.family {
             Family::Nice => nice::build(cfg, dim, params, ctx)?,
             Family::Realnvp => realnvp::build(cfg, dim, params, ctx)?,
+            Family::Nsf => nsf::build(cfg, dim, params, ctx)?,
             Family::Made | Family::Maf | Family::Iaf => maf::build(cfg, dim, params, ctx)?,
             Family::Glow | Family::RealnvpImage => {
                 let shape: [usize; 3] = event.try_into().map_err(|_| {
