@@ -50,6 +50,18 @@ impl Family {
     }
 }
 
+/// How each MADE of made/maf/iaf transforms a feature given the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TransformKind {
+    /// Gaussian: a shift and a (clamped) log-scale per feature (MAF).
+    #[default]
+    Affine,
+    /// A rational-quadratic spline per feature (`bins`, `tail_bound`): the autoregressive
+    /// neural spline flow.
+    Spline,
+}
+
 /// Fixed feature permutations inserted between coupling layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -171,6 +183,8 @@ pub struct ModelConfig {
     /// Conditional flows: units of a learned context embedding (a two-layer MLP over the
     /// encoded context) that the conditioners see instead of the encoded context; 0: none.
     pub context_embedding: usize,
+    /// made/maf/iaf: the per-feature transform (affine, or a spline).
+    pub transform: TransformKind,
     /// Spline flows: bins of each rational-quadratic spline.
     pub bins: usize,
     /// Spline flows: the splines act on [−B, B] (standardised data), the identity outside.
@@ -215,6 +229,7 @@ impl Default for ModelConfig {
             lu: true,
             learned_prior: false,
             context_embedding: 0,
+            transform: TransformKind::Affine,
             bins: 8,
             tail_bound: 3.0,
         }
@@ -393,6 +408,10 @@ impl Config {
         anyhow::ensure!(
             d.context.is_empty() || t.teacher.is_none(),
             "distillation (train.teacher) of conditional flows is not supported yet"
+        );
+        anyhow::ensure!(
+            autoregressive || m.transform == TransformKind::Affine,
+            "model.transform = spline applies to made, maf and iaf (the coupling spline flow is family nsf)"
         );
         crate::bijectors::RqSpline::new(m.bins, m.tail_bound)
             .map_err(|e| anyhow::anyhow!("model.bins / model.tail_bound: {e}"))?;

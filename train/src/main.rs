@@ -167,7 +167,11 @@ struct TrainArgs {
     /// `quality` for wine, `label` for digits/mnist/fashion_mnist).
     #[arg(long, value_delimiter = ',')]
     context: Option<Vec<String>>,
-    /// Spline flows (nsf): bins per rational-quadratic spline.
+    /// made/maf/iaf: the per-feature transform (affine, or spline: the autoregressive
+    /// neural spline flow).
+    #[arg(long, value_enum)]
+    transform: Option<flowtrain::config::TransformKind>,
+    /// Spline flows (nsf, --transform spline): bins per rational-quadratic spline.
     #[arg(long)]
     bins: Option<usize>,
     /// Spline flows (nsf): the splines act on [-B, B] of the standardised data, the
@@ -260,7 +264,7 @@ fn config_for(a: &TrainArgs) -> Result<Config> {
         c.model.levels => a.levels, c.model.additive => a.additive, c.model.lu => a.lu,
         c.model.learned_prior => a.learned_prior, c.data.context => a.context,
         c.model.context_embedding => a.context_embedding, c.model.bins => a.bins,
-        c.model.tail_bound => a.tail_bound,
+        c.model.tail_bound => a.tail_bound, c.model.transform => a.transform,
     );
     if let Some(t) = &a.teacher {
         c.train.teacher = Some(t.display().to_string());

@@ -296,12 +296,21 @@ fn batch_norm_ignores_non_finite_batches() {
 fn made(order: Vec<usize>, seed: u64) -> (Params, Made) {
     let p = Params::new(seed);
     let d = order.len();
-    let m = Made::new(&p, d, &[16, 16], Activation::Relu, order, 3.0, seed, 0)
-        .unwrap()
-        .agnostic(Agnostic {
-            order: true,
-            connectivity: true,
-        });
+    let m = Made::new(
+        &p,
+        d,
+        &[16, 16],
+        Activation::Relu,
+        order,
+        Transform::Affine { clamp: 3.0 },
+        seed,
+        0,
+    )
+    .unwrap()
+    .agnostic(Agnostic {
+        order: true,
+        connectivity: true,
+    });
     randomize(&p, 300 + seed, 0.5);
     (p, m)
 }

@@ -12,7 +12,7 @@ use candle_core::Var;
 use common::*;
 use flowpack::{ContextKind, Package};
 use flowtrain::bijectors::{
-    Agnostic, ContextAffine, Coupling, Ctx, Elementwise, ImageMask, Inverse, Made, Mask,
+    Agnostic, ContextAffine, Coupling, Ctx, Elementwise, ImageMask, Inverse, Made, Mask, Transform,
 };
 use flowtrain::config::{Config, Family, PermutationKind};
 use flowtrain::nn::Activation;
@@ -91,12 +91,21 @@ fn conditional_couplings_on_images() {
 fn conditional_made(order: Vec<usize>, seed: u64) -> (Params, Made) {
     let p = Params::new(seed);
     let d = order.len();
-    let m = Made::new(&p, d, &[16, 16], Activation::Relu, order, 3.0, seed, K)
-        .unwrap()
-        .agnostic(Agnostic {
-            order: true,
-            connectivity: true,
-        });
+    let m = Made::new(
+        &p,
+        d,
+        &[16, 16],
+        Activation::Relu,
+        order,
+        Transform::Affine { clamp: 3.0 },
+        seed,
+        K,
+    )
+    .unwrap()
+    .agnostic(Agnostic {
+        order: true,
+        connectivity: true,
+    });
     randomize(&p, 300 + seed, 0.5);
     (p, m)
 }

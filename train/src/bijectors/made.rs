@@ -12,6 +12,11 @@
 //! degrees — so the trainer can draw one per minibatch and the evaluator can average
 //! densities over several. Mask set 0 is the configured order: the one exported.
 //!
+//! The transform of each feature given its conditioner outputs is [`Transform::Affine`]
+//! (MAF's Gaussian: μᵢ, αᵢ) or [`Transform::Spline`] (a rational-quadratic spline per
+//! feature with 3K − 1 outputs: the autoregressive neural spline flow). The output layer
+//! gives every feature its block of outputs; the masks repeat the feature's degree for each.
+//!
 //! A conditional MADE adds `c·Vₗ` to every layer's pre-activation, hidden and output
 //! alike, with unmasked context weights `Vₗ`: the context reaches every unit — even the
 //! first feature's μ and α, which see no hidden unit — and never an input of the wrong
@@ -25,12 +30,35 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::spline::{emit_params_last, params_last, RqSpline};
 use super::{Bijector, Ctx, Dependence, LogDet};
 use crate::nn::Activation;
 use crate::onnx::{Graph, Value};
 use crate::params::Params;
 
-/// A masked autoregressive Gaussian bijector.
+/// How each feature is transformed given its conditioner's outputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Transform {
+    /// `zᵢ = (xᵢ − μᵢ)·exp(−αᵢ)` with `α = c·tanh(h/c)` (MAF).
+    Affine {
+        /// The bound `c` on |α|.
+        clamp: f64,
+    },
+    /// `zᵢ = splineᵢ(xᵢ)`, the spline's 3K − 1 parameters from the conditioner.
+    Spline(RqSpline),
+}
+
+impl Transform {
+    /// Conditioner outputs per feature.
+    fn outputs(self) -> usize {
+        match self {
+            Transform::Affine { .. } => 2,
+            Transform::Spline(s) => s.params(),
+        }
+    }
+}
+
+/// A masked autoregressive bijector.
 pub struct Made {
     dim: usize,
     hidden: Vec<usize>,
@@ -38,7 +66,7 @@ pub struct Made {
     /// Per layer, the unmasked context weights `[K, width]` (empty when unconditional).
     context: Vec<Var>,
     activation: Activation,
-    clamp: f64,
+    transform: Transform,
     base_order: Vec<usize>,
     seed: u64,
     agnostic: Agnostic,
@@ -106,9 +134,9 @@ fn mask(from: &[usize], to: &[usize], strict: bool) -> Result<Tensor> {
     Tensor::from_vec(data, (from.len(), to.len()), &Device::Cpu)
 }
 
-/// The masks of every layer (hidden layers, then the μ‖α output) for an order and the
-/// hidden degrees drawn from `seed`.
-fn masks(order: &[usize], hidden: &[usize], seed: u64) -> Result<Vec<Tensor>> {
+/// The masks of every layer (hidden layers, then the output: `per_feature` blocks of one
+/// output per feature) for an order and the hidden degrees drawn from `seed`.
+fn masks(order: &[usize], hidden: &[usize], seed: u64, per_feature: usize) -> Result<Vec<Tensor>> {
     let (input, hidden_deg) = degrees(order, hidden, seed);
     let mut degs = vec![input.clone()];
     degs.extend(hidden_deg);
@@ -116,17 +144,20 @@ fn masks(order: &[usize], hidden: &[usize], seed: u64) -> Result<Vec<Tensor>> {
     for l in 0..hidden.len() {
         out.push(mask(&degs[l], &degs[l + 1], false)?);
     }
-    // Output: μ then α for each feature, seeing hidden units of strictly lower degree.
-    let out_deg: Vec<usize> = input.iter().chain(input.iter()).copied().collect();
+    // Output: each block has one output per feature, seeing hidden units of strictly lower
+    // degree than the feature.
+    let out_deg: Vec<usize> = (0..per_feature)
+        .flat_map(|_| input.iter().copied())
+        .collect();
     out.push(mask(degs.last().expect("input degrees"), &out_deg, true)?);
     Ok(out)
 }
 
 impl Made {
-    /// A MADE over `dim` features with the given hidden widths; `order[k]` is the feature
-    /// that comes k-th; hidden degrees are drawn from `seed`; `context` context values per
-    /// row feed every layer (0: unconditional). The output layer starts at zero, so the
-    /// bijector starts as the identity.
+    /// A MADE over `dim` features with the given hidden widths transforming each feature by
+    /// `transform`; `order[k]` is the feature that comes k-th; hidden degrees are drawn from
+    /// `seed`; `context` context values per row feed every layer (0: unconditional). The
+    /// output layer starts at zero, so the bijector starts as the identity.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         p: &Params,
@@ -134,7 +165,7 @@ impl Made {
         hidden: &[usize],
         activation: Activation,
         order: Vec<usize>,
-        clamp: f64,
+        transform: Transform,
         seed: u64,
         context: usize,
     ) -> Result<Self> {
@@ -147,7 +178,7 @@ impl Made {
         }
         let mut widths = vec![dim];
         widths.extend(hidden);
-        widths.push(2 * dim);
+        widths.push(transform.outputs() * dim);
         let mut layers = Vec::new();
         let mut context_weights = Vec::new();
         for l in 0..widths.len() - 1 {
@@ -174,7 +205,7 @@ impl Made {
             }
         }
         let first = Arc::new(Masks {
-            layers: masks(&order, hidden, seed)?,
+            layers: masks(&order, hidden, seed, transform.outputs())?,
             order: order.clone(),
         });
         Ok(Made {
@@ -183,7 +214,7 @@ impl Made {
             layers,
             context: context_weights,
             activation,
-            clamp,
+            transform,
             base_order: order,
             seed,
             agnostic: Agnostic::default(),
@@ -236,7 +267,7 @@ impl Made {
             self.seed
         };
         let m = Arc::new(Masks {
-            layers: masks(&order, &self.hidden, degree_seed)?,
+            layers: masks(&order, &self.hidden, degree_seed, self.transform.outputs())?,
             order,
         });
         *last = Some((k, m.clone()));
@@ -263,9 +294,22 @@ impl Made {
         self.context.first().map_or(0, |v| v.dims()[0])
     }
 
-    /// `(μ, α)` for rows `x` under mask set `k` and context `c` (`[N, K]`, for a
-    /// conditional MADE): each depends only on the features before it in that set's order.
+    /// `(μ, α)` of an affine MADE for rows `x` under mask set `k` and context `c` (`[N, K]`,
+    /// for a conditional MADE): each depends only on the features before it in that set's
+    /// order.
     pub fn conditionals(&self, x: &Tensor, k: u64, c: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let Transform::Affine { clamp } = self.transform else {
+            candle_core::bail!("a spline MADE has no (μ, α): its outputs are spline parameters");
+        };
+        let h = self.outputs(x, k, c)?;
+        let mu = h.narrow(1, 0, self.dim)?;
+        let alpha = ((h.narrow(1, self.dim, self.dim)? / clamp)?.tanh()? * clamp)?;
+        Ok((mu, alpha))
+    }
+
+    /// The output layer for rows `x` under mask set `k` and context `c`: `[N, P·D]`, block
+    /// j holding output j of every feature.
+    fn outputs(&self, x: &Tensor, k: u64, c: Option<&Tensor>) -> Result<Tensor> {
         let weights = self.masked_weights(k)?;
         let mut h = x.clone();
         for (i, (w, b)) in weights.iter().enumerate() {
@@ -277,28 +321,38 @@ impl Made {
                 h = self.activation.apply(&h)?;
             }
         }
-        let mu = h.narrow(1, 0, self.dim)?;
-        let alpha = ((h.narrow(1, self.dim, self.dim)? / self.clamp)?.tanh()? * self.clamp)?;
-        Ok((mu, alpha))
+        Ok(h)
+    }
+
+    /// `(z, log|∂zᵢ/∂xᵢ|)` per feature for rows `x` under mask set `k` and context `c`.
+    fn transform_rows(&self, x: &Tensor, k: u64, c: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        match self.transform {
+            Transform::Affine { .. } => {
+                let (mu, alpha) = self.conditionals(x, k, c)?;
+                Ok(((x - mu)?.mul(&alpha.neg()?.exp()?)?, alpha.neg()?))
+            }
+            Transform::Spline(s) => {
+                let u = params_last(&self.outputs(x, k, c)?, s.params())?;
+                s.forward(x, &u)
+            }
+        }
     }
 
     /// The masked weights of mask set 0 as graph constants, emitted once and shared by
     /// every pass.
-    /// The output layer's α columns are divided by the clamp here, so the graph computes
+    /// An affine MADE's α columns are divided by the clamp here, so the graph computes
     /// `c·tanh(h)` without a division node.
     fn emit_weights(&self, g: &mut Graph) -> Result<Vec<EmittedLayer>> {
         let mut weights = self.masked_weights(0)?;
         let mut context: Vec<Tensor> = self.context.iter().map(|v| v.as_tensor().clone()).collect();
-        if let Some((w, b)) = weights.last_mut() {
+        let clamp = match self.transform {
+            Transform::Affine { clamp } => Some(clamp),
+            Transform::Spline(_) => None,
+        };
+        if let (Some(clamp), Some((w, b))) = (clamp, weights.last_mut()) {
             let d = self.dim;
             let scale: Vec<f32> = (0..2 * d)
-                .map(|j| {
-                    if j < d {
-                        1.0
-                    } else {
-                        (1.0 / self.clamp) as f32
-                    }
-                })
+                .map(|j| if j < d { 1.0 } else { (1.0 / clamp) as f32 })
                 .collect();
             let scale = Tensor::from_vec(scale, 2 * d, &Device::Cpu)?;
             *w = w.broadcast_mul(&scale.unsqueeze(0)?)?;
@@ -325,12 +379,8 @@ impl Made {
             .collect()
     }
 
-    fn emit_conditionals(
-        &self,
-        g: &mut Graph,
-        weights: &[EmittedLayer],
-        x: &Value,
-    ) -> (Value, Value) {
+    /// The output layer as ONNX nodes (with an affine MADE's fold applied).
+    fn emit_outputs(&self, g: &mut Graph, weights: &[EmittedLayer], x: &Value) -> Value {
         let mut h = x.clone();
         for (i, (w, b)) in weights.iter().enumerate() {
             let m = g.matmul(&h, w);
@@ -339,10 +389,55 @@ impl Made {
                 h = self.activation.emit(g, &h);
             }
         }
-        let (mu, raw) = g.halves(&h, 1);
-        let c = g.scalar("clamp", self.clamp as f32);
-        let th = g.tanh(&raw);
-        (mu, g.mul(&th, &c))
+        h
+    }
+
+    /// `(z, log|∂zᵢ/∂xᵢ|)` as ONNX nodes.
+    fn emit_transform(&self, g: &mut Graph, weights: &[EmittedLayer], x: &Value) -> (Value, Value) {
+        let h = self.emit_outputs(g, weights, x);
+        match self.transform {
+            Transform::Affine { clamp } => {
+                let (mu, raw) = g.halves(&h, 1);
+                let c = g.scalar("clamp", clamp as f32);
+                let th = g.tanh(&raw);
+                let alpha = g.mul(&th, &c);
+                let centred = g.sub(x, &mu);
+                let na = g.neg(&alpha);
+                let e = g.exp(&na);
+                (g.mul(&centred, &e), na)
+            }
+            Transform::Spline(s) => {
+                let u = emit_params_last(g, &h, s.params(), self.dim, &[]);
+                s.emit_forward(g, x, &u)
+            }
+        }
+    }
+
+    /// One pass of the sequential inverse as ONNX nodes: `x` from `z` given the current
+    /// estimate `x` (exact for one more feature each pass).
+    fn emit_inverse_pass(
+        &self,
+        g: &mut Graph,
+        weights: &[EmittedLayer],
+        z: &Value,
+        x: &Value,
+    ) -> Value {
+        let h = self.emit_outputs(g, weights, x);
+        match self.transform {
+            Transform::Affine { clamp } => {
+                let (mu, raw) = g.halves(&h, 1);
+                let c = g.scalar("clamp", clamp as f32);
+                let th = g.tanh(&raw);
+                let alpha = g.mul(&th, &c);
+                let e = g.exp(&alpha);
+                let scaled = g.mul(z, &e);
+                g.add(&scaled, &mu)
+            }
+            Transform::Spline(s) => {
+                let u = emit_params_last(g, &h, s.params(), self.dim, &[]);
+                s.emit_inverse(g, z, &u)
+            }
+        }
     }
 }
 
@@ -357,17 +452,24 @@ impl Bijector for Made {
 
     fn encode(&self, x: &Tensor, cx: &Ctx) -> Result<(Tensor, Tensor)> {
         let c = cx.context_for(self.context_width(), x.dim(0)?)?;
-        let (mu, alpha) = self.conditionals(x, cx.mask_set, c)?;
-        let z = (x - mu)?.mul(&alpha.neg()?.exp()?)?;
-        Ok((z, alpha.sum(1)?.neg()?))
+        let (z, diagonal) = self.transform_rows(x, cx.mask_set, c)?;
+        Ok((z, diagonal.sum(1)?))
     }
 
     fn decode(&self, z: &Tensor, cx: &Ctx) -> Result<Tensor> {
         let c = cx.context_for(self.context_width(), z.dim(0)?)?;
         let mut x = Tensor::zeros(z.dims(), DType::F32, z.device())?;
         for _ in 0..self.dim {
-            let (mu, alpha) = self.conditionals(&x, cx.mask_set, c)?;
-            x = (z.mul(&alpha.exp()?)? + mu)?;
+            x = match self.transform {
+                Transform::Affine { .. } => {
+                    let (mu, alpha) = self.conditionals(&x, cx.mask_set, c)?;
+                    (z.mul(&alpha.exp()?)? + mu)?
+                }
+                Transform::Spline(s) => {
+                    let u = params_last(&self.outputs(&x, cx.mask_set, c)?, s.params())?;
+                    s.inverse(z, &u)?
+                }
+            };
         }
         Ok(x)
     }
@@ -385,14 +487,10 @@ impl Bijector for Made {
         }
     }
 
-    /// log|∂zᵢ/∂xᵢ| = −αᵢ.
+    /// log|∂zᵢ/∂xᵢ|: −αᵢ, or the spline's log-derivative.
     fn emit_encode_diagonal(&self, g: &mut Graph, x: &Value) -> Result<(Value, Value)> {
         let weights = self.emit_weights(g)?;
-        let (mu, alpha) = self.emit_conditionals(g, &weights, x);
-        let centred = g.sub(x, &mu);
-        let na = g.neg(&alpha);
-        let e = g.exp(&na);
-        Ok((g.mul(&centred, &e), na))
+        Ok(self.emit_transform(g, &weights, x))
     }
 
     /// D passes unrolled (weights shared): graph size grows with D, run time is D passes.
@@ -401,10 +499,7 @@ impl Bijector for Made {
         let zero = g.scalar("zero", 0.0);
         let mut x = g.mul(z, &zero);
         for _ in 0..self.dim {
-            let (mu, alpha) = self.emit_conditionals(g, &weights, &x);
-            let e = g.exp(&alpha);
-            let scaled = g.mul(z, &e);
-            x = g.add(&scaled, &mu);
+            x = self.emit_inverse_pass(g, &weights, z, &x);
         }
         Ok(x)
     }

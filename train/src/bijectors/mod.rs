@@ -43,7 +43,7 @@ pub use factor_out::FactorOut;
 pub use invconv::InvConv1x1;
 pub use inverse::Inverse;
 pub use logit::Logit;
-pub use made::{degrees, Agnostic, Made};
+pub use made::{degrees, Agnostic, Made, Transform};
 pub use permutation::Permutation;
 pub use power::{yeo_johnson, YeoJohnson, LAMBDA_RANGE};
 pub use spline::{emit_params_last, params_last, RqSpline, MIN_BIN, MIN_DERIVATIVE};

@@ -11,8 +11,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::{stack, BatchNormAt};
-use crate::bijectors::{Agnostic, Chain, Inverse, Made};
-use crate::config::{Family, ModelConfig, PermutationKind};
+use crate::bijectors::{Agnostic, Chain, Inverse, Made, RqSpline, Transform};
+use crate::config::{Family, ModelConfig, PermutationKind, TransformKind};
 use crate::params::Params;
 
 pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params, context: usize) -> Result<Chain> {
@@ -22,6 +22,12 @@ pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params, context: usize) -
         cfg.layers
     };
     let hidden = vec![cfg.hidden; cfg.hidden_layers];
+    let transform = match cfg.transform {
+        TransformKind::Affine => Transform::Affine {
+            clamp: cfg.scale_clamp,
+        },
+        TransformKind::Spline => Transform::Spline(RqSpline::new(cfg.bins, cfg.tail_bound)?),
+    };
     let mut steps = Vec::new();
     for i in 0..n {
         let seed = crate::seeds::made(p.seed(), i);
@@ -39,7 +45,7 @@ pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params, context: usize) -
             &hidden,
             cfg.activation,
             order,
-            cfg.scale_clamp,
+            transform,
             seed,
             context,
         )?
