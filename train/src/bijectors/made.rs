@@ -82,6 +82,14 @@ pub struct Made {
 /// A layer's masked weight and its bias (`[N, width]` when the context term is folded in).
 type EmittedLayer = (Value, Value);
 
+/// An affine MADE's `(μ, α = c·tanh(h))` from its folded output layer `h` (μ ‖ h/c).
+fn emit_mu_alpha(g: &mut Graph, h: &Value, clamp: f64) -> (Value, Value) {
+    let (mu, raw) = g.halves(h, 1);
+    let c = g.scalar("clamp", clamp as f32);
+    let th = g.tanh(&raw);
+    (mu, g.mul(&th, &c))
+}
+
 /// Which parts of the connectivity mask sets k ≥ 1 redraw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Agnostic {
@@ -397,10 +405,7 @@ impl Made {
         let h = self.emit_outputs(g, weights, x);
         match self.transform {
             Transform::Affine { clamp } => {
-                let (mu, raw) = g.halves(&h, 1);
-                let c = g.scalar("clamp", clamp as f32);
-                let th = g.tanh(&raw);
-                let alpha = g.mul(&th, &c);
+                let (mu, alpha) = emit_mu_alpha(g, &h, clamp);
                 let centred = g.sub(x, &mu);
                 let na = g.neg(&alpha);
                 let e = g.exp(&na);
@@ -425,10 +430,7 @@ impl Made {
         let h = self.emit_outputs(g, weights, x);
         match self.transform {
             Transform::Affine { clamp } => {
-                let (mu, raw) = g.halves(&h, 1);
-                let c = g.scalar("clamp", clamp as f32);
-                let th = g.tanh(&raw);
-                let alpha = g.mul(&th, &c);
+                let (mu, alpha) = emit_mu_alpha(g, &h, clamp);
                 let e = g.exp(&alpha);
                 let scaled = g.mul(z, &e);
                 g.add(&scaled, &mu)

@@ -45,8 +45,8 @@ impl Columns<'_> {
     }
 }
 
-/// Reads a CSV file with a header row; every kept cell must be a finite number.
-pub fn read_csv(path: &Path, columns: Columns) -> Result<Table> {
+/// A CSV reader past the header row (cells trimmed), and the header's names.
+fn open_csv(path: &Path) -> Result<(csv::Reader<std::fs::File>, Vec<String>)> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .trim(csv::Trim::All)
@@ -58,6 +58,12 @@ pub fn read_csv(path: &Path, columns: Columns) -> Result<Table> {
         .iter()
         .map(str::to_string)
         .collect();
+    Ok((reader, headers))
+}
+
+/// Reads a CSV file with a header row; every kept cell must be a finite number.
+pub fn read_csv(path: &Path, columns: Columns) -> Result<Table> {
+    let (mut reader, headers) = open_csv(path)?;
     let keep = columns.keep(&headers, &path.display().to_string())?;
     let mut values = Vec::new();
     for (r, record) in reader.records().enumerate() {
@@ -94,17 +100,7 @@ pub fn read_csv(path: &Path, columns: Columns) -> Result<Table> {
 /// The cells of the columns `names` of a CSV file with a header row, as text (one vector
 /// per column, in the order of `names`).
 pub fn read_csv_cells(path: &Path, names: &[String]) -> Result<Vec<Vec<String>>> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .trim(csv::Trim::All)
-        .from_path(path)
-        .with_context(|| format!("cannot read data file {}", path.display()))?;
-    let headers: Vec<String> = reader
-        .headers()
-        .with_context(|| format!("{}: cannot read the header row", path.display()))?
-        .iter()
-        .map(str::to_string)
-        .collect();
+    let (mut reader, headers) = open_csv(path)?;
     let keep = Columns::Select(names).keep(&headers, &path.display().to_string())?;
     let mut out = vec![Vec::new(); keep.len()];
     for (r, record) in reader.records().enumerate() {
