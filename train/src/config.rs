@@ -72,6 +72,10 @@ pub enum PermutationKind {
     Reverse,
     /// A seeded random permutation between layers.
     Random,
+    /// A learned linear map between layers, LU-parameterised (`W = P·L·(U + diag(s))`,
+    /// log|det| = Σ log|s|, initialised as a random rotation): the NSF paper's choice, Glow's
+    /// 1×1 convolution on rows. Autoregressive stacks keep one shared order around it.
+    Lu,
 }
 
 /// A starting configuration for a task; flags and config files override its values.
@@ -410,8 +414,12 @@ impl Config {
             "distillation (train.teacher) of conditional flows is not supported yet"
         );
         anyhow::ensure!(
-            autoregressive || m.transform == TransformKind::Affine,
-            "model.transform = spline applies to made, maf and iaf (the coupling spline flow is family nsf)"
+            autoregressive || m.family.is_image() || m.transform == TransformKind::Affine,
+            "model.transform = spline applies to made, maf, iaf, glow and realnvp_image (the coupling spline flow on rows is family nsf)"
+        );
+        anyhow::ensure!(
+            !(m.additive && m.transform == TransformKind::Spline),
+            "model.additive and model.transform = spline exclude each other: a spline coupling is not volume-preserving"
         );
         crate::bijectors::RqSpline::new(m.bins, m.tail_bound)
             .map_err(|e| anyhow::anyhow!("model.bins / model.tail_bound: {e}"))?;

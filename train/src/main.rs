@@ -106,7 +106,8 @@ struct TrainArgs {
     /// How couplings split the features.
     #[arg(long, value_enum)]
     mask: Option<Mask>,
-    /// Permutations between couplings.
+    /// What goes between couplings (or MADEs): nothing, a reversal, a seeded permutation, or
+    /// a learned LU-parameterised linear map (`lu`, the NSF paper's choice).
     #[arg(long, value_enum)]
     permutation: Option<PermutationKind>,
     /// Image families: scales (squeeze, steps, factor out half the channels).
@@ -168,7 +169,7 @@ struct TrainArgs {
     #[arg(long, value_delimiter = ',')]
     context: Option<Vec<String>>,
     /// made/maf/iaf: the per-feature transform (affine, or spline: the autoregressive
-    /// neural spline flow).
+    /// neural spline flow); glow/realnvp_image: the couplings' map.
     #[arg(long, value_enum)]
     transform: Option<flowtrain::config::TransformKind>,
     /// Spline flows (nsf, --transform spline): bins per rational-quadratic spline.

@@ -184,18 +184,47 @@ fn spline_maf_on_wine_keeps_exact_contributions() {
     assert_eq!(m.graphs.decode.cost, flowpack::Cost::Sequential);
 }
 
+/// NSF with each kind of layer between its couplings: the paper's learned LU-linear maps
+/// (wine, with batch norm) and seeded permutations (digits).
 #[test]
 fn nsf_on_wine_and_digits_exports_and_round_trips() {
-    for (data, bn) in [("wine", true), ("digits", false)] {
+    let mut matmuls = Vec::new();
+    for (data, bn, between) in [
+        ("wine", true, PermutationKind::Lu),
+        ("digits", false, PermutationKind::Random),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config(Family::Nsf, data, bn, 100);
-        c.model.permutation = PermutationKind::Random;
+        assert_eq!(c.model.layers, 4);
+        c.model.permutation = between;
         train_export_compare(&c, dir.path());
         let m = Package::open(dir.path()).unwrap().manifest;
         assert_eq!(m.family, "nsf");
         assert_eq!(m.graphs.encode.cost, flowpack::Cost::OnePass);
         assert_eq!(m.graphs.decode.cost, flowpack::Cost::OnePass);
+        matmuls.push(count_ops(dir.path(), "encode.onnx", "MatMul"));
     }
+    // The same stack but for the layers between: one MatMul more per LU layer.
+    assert_eq!(
+        matmuls[0],
+        matmuls[1] + 4 - 1,
+        "MatMuls with LU vs permutations"
+    );
+}
+
+/// A spline MAF with LU-linear layers between its MADEs: exported with parity, sequential
+/// sampling, and no exact per-feature terms (the linear maps mix features both ways).
+#[test]
+fn spline_maf_with_lu_layers_exports_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(Family::Maf, "wine", false, 100);
+    c.model.layers = 3;
+    c.model.transform = flowtrain::config::TransformKind::Spline;
+    c.model.permutation = PermutationKind::Lu;
+    train_export_compare(&c, dir.path());
+    let m = Package::open(dir.path()).unwrap().manifest;
+    assert!(m.scoring.contributions.order().is_none());
+    assert_eq!(m.graphs.decode.cost, flowpack::Cost::Sequential);
 }
 
 fn exported_moons_density_integrates_to_one(c: &Config) {
@@ -410,6 +439,20 @@ fn glow_on_digits_trains_exports_and_round_trips() {
         assert!(count_ops(dir.path(), "encode.onnx", "Conv") > 0);
         let bpd = m.metrics.test_bits_per_dim.unwrap();
         assert!(bpd < 4.5, "learned something in 40 steps: {bpd} bits/dim");
+    }
+}
+
+/// Glow and the image RealNVP with spline couplings (`--transform spline`).
+#[test]
+fn image_flows_with_spline_couplings_train_export_and_round_trip() {
+    for family in [Family::Glow, Family::RealnvpImage] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = image_config(family);
+        c.model.transform = flowtrain::config::TransformKind::Spline;
+        c.model.learned_prior = true;
+        train_export_compare(&c, dir.path());
+        assert!(count_ops(dir.path(), "encode.onnx", "GreaterOrEqual") > 0);
+        assert!(count_ops(dir.path(), "decode.onnx", "GreaterOrEqual") > 0);
     }
 }
 

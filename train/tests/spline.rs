@@ -131,6 +131,56 @@ fn log_derivative_matches_autodiff_and_finite_differences() {
     }
 }
 
+/// The gradient with respect to the parameters — widths, heights and derivatives — matches
+/// central finite differences: what training follows. (candle_nn's fused softmax has no
+/// backward pass; with it the widths and heights got no gradient and never trained.)
+#[test]
+fn parameter_gradients_match_finite_differences() {
+    let s = spline();
+    let (n, d, p) = (16, 2, 3 * K - 1);
+    let u0 = to_vec(&params(n, d, 9, 1.0));
+    let x = random_rows(n, d, 10)
+        .iter()
+        .map(|v| v * 1.5)
+        .collect::<Vec<f32>>();
+    // Per element: a weighted sum of y and log dy/dx, so both parts of the loss count.
+    let loss = |u: &Tensor| -> Tensor {
+        let (y, ld) = s.forward(&tensor(&x, d), u).unwrap();
+        ((y * 0.7).unwrap() + ld).unwrap()
+    };
+    let uv = Var::from_tensor(
+        &Tensor::from_vec(u0.clone(), (n, d, p), &candle_core::Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let grads = loss(uv.as_tensor()).sum_all().unwrap().backward().unwrap();
+    let g = to_vec(grads.get(uv.as_tensor()).unwrap());
+    let h = 1e-2f32;
+    let mut checked = [0usize; 3];
+    for e in 0..n * d {
+        for j in 0..p {
+            let at = |delta: f32| {
+                let mut u = u0.clone();
+                u[e * p + j] += delta;
+                let t = Tensor::from_vec(u, (n, d, p), &candle_core::Device::Cpu).unwrap();
+                to_vec(&loss(&t))[e]
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            let got = g[e * p + j];
+            assert!(
+                (fd - got).abs() < 2e-3 + 2e-2 * fd.abs(),
+                "element {e}, parameter {j}: autodiff {got} vs finite differences {fd}"
+            );
+            if fd.abs() > 1e-2 {
+                checked[(j / K).min(2)] += 1;
+            }
+        }
+    }
+    assert!(
+        checked.iter().all(|&c| c > 20),
+        "non-zero gradients checked for widths, heights and derivatives: {checked:?}"
+    );
+}
+
 #[test]
 fn monotone_on_a_dense_grid_and_the_identity_at_zero() {
     let s = spline();

@@ -194,6 +194,28 @@ fn config_files_layer_under_flags_and_reject_unknown_keys() {
         .unwrap_err()
         .to_string()
         .contains("power_transform"));
+    // Spline maps: where each family takes them, and never with additive couplings.
+    use flowtrain::config::{Family, TransformKind};
+    for (family, additive, ok) in [
+        (Family::Maf, false, true),
+        (Family::Glow, false, true),
+        (Family::RealnvpImage, false, true),
+        (Family::Realnvp, false, false),
+        (Family::Nsf, false, false),
+        (Family::Glow, true, false),
+    ] {
+        let mut c = Config::default();
+        c.model.family = family;
+        c.model.additive = additive;
+        c.model.transform = TransformKind::Spline;
+        match c.validate() {
+            Ok(()) => assert!(ok, "{family:?} additive={additive} accepted"),
+            Err(e) => {
+                assert!(!ok, "{family:?}: {e}");
+                assert!(e.to_string().contains("transform"), "{e}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -182,7 +182,11 @@ impl InvConv1x1 {
 
 impl Bijector for InvConv1x1 {
     fn name(&self) -> &'static str {
-        "invconv1x1"
+        if self.spatial == 1 {
+            "lu_linear"
+        } else {
+            "invconv1x1"
+        }
     }
 
     fn encode(&self, x: &Tensor, _: &Ctx) -> Result<(Tensor, Tensor)> {

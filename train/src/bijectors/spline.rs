@@ -88,7 +88,10 @@ impl RqSpline {
         let last = u.rank() - 1;
         let (b, floor) = (self.bound, MIN_BIN);
         let fractions = |raw: &Tensor| -> Result<Tensor> {
-            let soft = candle_nn::ops::softmax_last_dim(&raw.contiguous()?)?;
+            // Written out: candle_nn's fused softmax_last_dim has no backward pass (it would
+            // leave widths and heights untrained). The max is a constant shift.
+            let shifted = raw.broadcast_sub(&raw.max_keepdim(last)?.detach())?.exp()?;
+            let soft = shifted.broadcast_div(&shifted.sum_keepdim(last)?)?;
             (soft * (1.0 - floor * k as f64))? + floor
         };
         let cum = Tensor::from_vec(self.cumulative(), (k, k - 1), u.device())?;

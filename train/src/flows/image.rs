@@ -14,14 +14,17 @@
 //!   couplings on its input. Per-channel batch norm follows each coupling (`batch_norm`), or
 //!   actnorm (the per-channel affine map batch norm becomes at evaluation, initialised from
 //!   data, with no running statistics).
+//!
+//! `transform = spline` gives every step's coupling a rational-quadratic spline (the image
+//! neural spline flow) instead of the affine map.
 
 use candle_core::Result;
 
 use crate::bijectors::{
     ActNorm, BatchNorm, Bijector, Chain, Coupling, Elementwise, FactorOut, ImageMask, InvConv1x1,
-    Inverse, Squeeze,
+    Inverse, RqSpline, Squeeze,
 };
-use crate::config::{Family, ModelConfig};
+use crate::config::{Family, ModelConfig, TransformKind};
 use crate::params::Params;
 
 pub(super) fn build(
@@ -64,12 +67,14 @@ fn level(
 ) -> Result<Chain> {
     let last = l + 1 == cfg.levels;
     let mut out = Chain::new();
-    let map = if cfg.additive {
-        Elementwise::Shift
-    } else {
-        Elementwise::SigmoidAffine
+    let map = match (cfg.additive, cfg.transform) {
+        (true, _) => Elementwise::Shift,
+        (false, TransformKind::Affine) => Elementwise::SigmoidAffine,
+        (false, TransformKind::Spline) => {
+            Elementwise::Spline(RqSpline::new(cfg.bins, cfg.tail_bound)?)
+        }
     };
-    let coupling = |p: &Params, shape, mask, flip| -> Result<Box<dyn Bijector>> {
+    let coupling_with = |map, p: &Params, shape, mask, flip| -> Result<Box<dyn Bijector>> {
         Ok(Box::new(Coupling::image(
             p,
             shape,
@@ -81,6 +86,7 @@ fn level(
             context,
         )?))
     };
+    let coupling = |p: &Params, shape, mask, flip| coupling_with(map, p, shape, mask, flip);
     let actnorm = |p: &Params, s: [usize; 3]| -> Result<Box<dyn Bijector>> {
         Ok(Box::new(ActNorm::new(p, s[0], s[1] * s[2])?))
     };
@@ -135,8 +141,19 @@ fn level(
         let keep = s[0] / 2;
         if cfg.learned_prior {
             // Glow's split prior: the leaving half's Gaussian is conditioned on the staying
-            // half — an affine coupling of the second half of the channels on the first.
-            out.push_boxed(coupling(&p.pp("prior"), s, ImageMask::Channel, false)?);
+            // half — an affine coupling of the second half of the channels on the first
+            // (affine with spline steps too: it is the Gaussian's mean and scale).
+            let prior = match map {
+                Elementwise::Spline(_) => Elementwise::SigmoidAffine,
+                m => m,
+            };
+            out.push_boxed(coupling_with(
+                prior,
+                &p.pp("prior"),
+                s,
+                ImageMask::Channel,
+                false,
+            )?);
         }
         let inner = level(
             cfg,

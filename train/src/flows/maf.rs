@@ -34,7 +34,7 @@ pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params, context: usize) -
         let mut order: Vec<usize> = (0..dim).collect();
         match cfg.permutation {
             // One shared order: the density splits exactly into per-feature terms.
-            PermutationKind::None => {}
+            PermutationKind::None | PermutationKind::Lu => {}
             PermutationKind::Reverse if i % 2 == 1 => order.reverse(),
             PermutationKind::Reverse => {}
             PermutationKind::Random => order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed)),
@@ -54,6 +54,9 @@ pub(super) fn build(cfg: &ModelConfig, dim: usize, p: &Params, context: usize) -
             connectivity: cfg.connectivity_agnostic,
         });
         let mut step = Chain::new();
+        if cfg.permutation == PermutationKind::Lu && i > 0 {
+            step.push(super::lu_linear(p, dim, i)?);
+        }
         if cfg.family == Family::Iaf {
             step.push(Inverse(made));
         } else {

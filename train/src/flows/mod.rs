@@ -14,7 +14,7 @@ use flowpack::{Base, ContextSpec, Contributions, Cost};
 
 use crate::bijectors::{
     BatchNorm, Bijector, Chain, ContextAffine, Coupling, Ctx, Dependence, Elementwise,
-    ElementwiseAffine, LogDetSum, Logit, Permutation, YeoJohnson,
+    ElementwiseAffine, InvConv1x1, LogDetSum, Logit, Permutation, YeoJohnson,
 };
 use crate::config::{Family, ModelConfig, PermutationKind};
 use crate::context::ContextNet;
@@ -402,6 +402,18 @@ fn stack(
     Ok(chain)
 }
 
+/// The learned LU-parameterised linear map over rows of `dim` features placed before step
+/// `i` (parameters `linear{i}`), initialised as a rotation drawn from the model seed.
+fn lu_linear(p: &Params, dim: usize, i: usize) -> Result<InvConv1x1> {
+    InvConv1x1::new(
+        &p.pp(format!("linear{i}")),
+        dim,
+        1,
+        true,
+        crate::seeds::permutation(p.seed(), i),
+    )
+}
+
 /// `cfg.layers` coupling steps over rows of `dim` features with elementwise map `map`: each
 /// the configured permutation (none before the first) and a coupling (parameters
 /// `coupling{i}`) whose mask is flipped on alternate steps when there is no permutation.
@@ -425,6 +437,10 @@ fn coupling_steps(
             PermutationKind::Random => {
                 let seed = crate::seeds::permutation(p.seed(), i);
                 step.push(Permutation::random(dim, seed)?);
+                false
+            }
+            PermutationKind::Lu => {
+                step.push(lu_linear(p, dim, i)?);
                 false
             }
         };
