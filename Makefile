@@ -98,7 +98,8 @@ bench: ort data
 	$(CARGO) bench --bench score -- --rows 1000000 --rounds 3 --out BENCHMARKS.md
 	$(CARGO) bench --bench oip -- --seconds 3 --rounds 3 --out BENCHMARKS.md
 	scripts/bench-anomaly.sh $(FLOWTRAIN) target/release/flowserve BENCHMARKS.md
+	scripts/bench-zuko.sh $(FLOWTRAIN) BENCHMARKS.md
 
 clean:
 	$(CARGO) clean
-	rm -rf .ort .ort-gpu runs .test-venv .checkov-venv .tools
+	rm -rf .ort .ort-gpu runs .test-venv .checkov-venv .bench-venv .torch-venv .tools

@@ -13,19 +13,26 @@ is also trained with the MADEs' orders reversed on alternate layers (`--permutat
 reverse`, the MAF paper's choice, no contributions), and the test NLL (nats, on the flow's
 own held-out normal rows) and AUROC of both are reported.
 
+With `--families`, it instead compares flow families as anomaly scorers on the same setups:
+the preset's MAF, the spline MAF (`--transform spline`, one order, contributions still exact),
+the neural spline flow (`--family nsf --permutation lu`) and RealNVP, each trained with the
+preset's data handling, served by one `flowserve` and scored through `POST /score` over HTTP;
+it reports AUROC, AUPRC and test NLL in its own section.
+
 Usage: bench_anomaly.py FLOWTRAIN FLOWSERVE WORKDIR [--out BENCHMARKS.md] [--extra-args "..."]
-Prints the Markdown section, writes WORKDIR/anomaly.json and, with --out, replaces the
-"## Anomaly scoring" section of that file.
+       [--families]
+Prints the Markdown section, writes WORKDIR/anomaly.json (or families.json) and, with --out,
+replaces its section of that file.
 """
 
 import argparse
 import csv
-import gzip
 import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 from sklearn.covariance import EmpiricalCovariance
@@ -35,24 +42,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.neighbors import LocalOutlierFactor
 from sklearn.preprocessing import StandardScaler
 
-
-def wine_quality():
-    """The red wine quality table that linfa-datasets ships (found through cargo)."""
-    meta = json.loads(
-        subprocess.run(
-            ["cargo", "metadata", "--format-version", "1"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
-    pkg = next(p for p in meta["packages"] if p["name"] == "linfa-datasets")
-    path = os.path.join(os.path.dirname(pkg["manifest_path"]), "data", "winequality-red.csv.gz")
-    with gzip.open(path, "rt") as f:
-        rows = list(csv.reader(f))
-    names = rows[0][:-1]
-    data = np.array([[float(v) for v in r] for r in rows[1:]])
-    return names, data[:, :-1], data[:, -1]
+from bench_common import cpu, wine_quality, write_section
 
 
 def setups(data_dir):
@@ -105,9 +95,9 @@ def write_csv(path, names, x, label=None):
             w.writerow(vals)
 
 
-def flow_scores(args, work, name, names, train, test, y, variant, extra, seed):
-    """Trains the anomaly preset (plus `extra` flags) on `train` with `seed`, scores `test`
-    with `flowserve score`; returns (-log_prob per test row, test NLL, training seconds)."""
+def train_flow(args, work, name, names, train, test, y, variant, extra, seed):
+    """Trains the anomaly preset (plus `extra` flags) on `train` with `seed` into
+    WORK/NAME_VARIANT_sSEED/model; returns (that folder, test NLL, training seconds)."""
     d = os.path.join(work, f"{name}_{variant}_s{seed}")
     os.makedirs(d, exist_ok=True)
     write_csv(os.path.join(d, "train.csv"), names, train)
@@ -120,6 +110,13 @@ def flow_scores(args, work, name, names, train, test, y, variant, extra, seed):
     train_s = time.time() - t0
     with open(os.path.join(d, "model", "summary.json")) as f:
         nll = json.load(f)["test_nll"]
+    return d, nll, train_s
+
+
+def flow_scores(args, work, name, names, train, test, y, variant, extra, seed):
+    """Trains as `train_flow` does, scores `test` with `flowserve score`; returns (-log_prob
+    per test row, test NLL, training seconds)."""
+    d, nll, train_s = train_flow(args, work, name, names, train, test, y, variant, extra, seed)
     out = os.path.join(d, "scores.csv")
     subprocess.run([args.flowserve, "score", "--model", os.path.join(d, "model"), "--input",
                     os.path.join(d, "test.csv"), "--output", out, "--keep", "label", "--quiet"],
@@ -153,15 +150,20 @@ def main():
     ap.add_argument("flowserve")
     ap.add_argument("work")
     ap.add_argument("--data", default=".data")
-    ap.add_argument("--only", default="")
+    ap.add_argument("--only", default="", help="setups whose names start with one of these (comma-separated)")
     ap.add_argument("--extra-args", default="")
     ap.add_argument("--out", default="")
     ap.add_argument("--flow-seeds", type=int, default=3,
                     help="flows trained per setup and variant (seeds 1..N); metrics are their mean")
     ap.add_argument("--preset-only", action="store_true", help="skip the reversed-order flows (no report)")
     ap.add_argument("--from-json", default="", help="only rewrite the report from a saved anomaly.json")
+    ap.add_argument("--families", action="store_true",
+                    help="compare flow families as scorers through POST /score instead")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
+    if args.families:
+        families(args)
+        return
     if args.from_json:
         with open(args.from_json) as f:
             section = report(json.load(f), args)
@@ -171,7 +173,7 @@ def main():
         return
     results = {}
     for name, desc, names, normal, anomalies in setups(args.data):
-        if args.only and not name.startswith(args.only):
+        if args.only and not name.startswith(tuple(args.only.split(","))):
             continue
         train, test, y = split(normal, anomalies)
         scores = classic_scores(train, test)
@@ -204,6 +206,124 @@ def main():
     print(section)
     if args.out:
         write_section(args.out, "## Anomaly scoring", section)
+
+
+FAMILIES = [
+    ("MAF (the preset)", "maf", ""),
+    ("spline MAF", "maf_spline", "--transform spline"),
+    ("NSF + LU", "nsf", "--family nsf --permutation lu"),
+    ("RealNVP", "realnvp", "--family realnvp"),
+]
+FAMILIES_HEADING = "## Flow families as anomaly scorers (served, through POST /score)"
+
+
+class Server:
+    """One `flowserve` over a model repository, on a free port, for scoring over HTTP."""
+
+    def __init__(self, flowserve, repo):
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [flowserve, "--models", repo, "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(self.url("/readyz"), timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        self.proc.kill()
+        raise RuntimeError("flowserve did not become ready")
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def log_prob(self, model, rows, chunk=512):
+        """log p(x) of every row through POST /score, `chunk` rows per request."""
+        out = []
+        for i in range(0, len(rows), chunk):
+            body = json.dumps({"model": model, "inputs": rows[i:i + chunk].tolist()}).encode()
+            req = urllib.request.Request(self.url("/score"), body,
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                out += [s["log_prob"] for s in json.load(r)["scores"]]
+        return np.array(out)
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def families(args):
+    """Flow families as anomaly scorers: train each on every setup, serve them all from one
+    repository, score the test rows through POST /score, report AUROC/AUPRC/NLL."""
+    repo = os.path.join(args.work, "repository")
+    trained = []
+    for name, desc, names, normal, anomalies in setups(args.data):
+        if args.only and not name.startswith(tuple(args.only.split(","))):
+            continue
+        train, test, y = split(normal, anomalies)
+        for label, variant, extra in FAMILIES:
+            for seed in range(1, args.flow_seeds + 1):
+                d, nll, secs = train_flow(args, args.work, name, names, train, test, y, variant,
+                                          extra, seed)
+                model = f"{name}_{variant}_s{seed}"
+                dest = os.path.join(repo, model, "1")
+                os.makedirs(dest, exist_ok=True)
+                for f in ("flow.json", "encode.onnx", "decode.onnx", "reference.bin"):
+                    subprocess.run(["cp", os.path.join(d, "model", f), dest], check=True)
+                trained.append((name, desc, label, model, test, y, nll, secs))
+                print(f"{model}: test NLL {nll:.3f}, {secs:.0f} s", file=sys.stderr)
+    server = Server(args.flowserve, repo)
+    results = {}
+    try:
+        for name, desc, label, model, test, y, nll, secs in trained:
+            s = -server.log_prob(model, test)
+            row = results.setdefault(name, {"description": desc})
+            row.setdefault(label, []).append({"auroc": roc_auc_score(y, s),
+                                              "auprc": average_precision_score(y, s),
+                                              "nll": nll, "seconds": secs})
+    finally:
+        server.close()
+    with open(os.path.join(args.work, "families.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    g = groups(results)
+    labels = [label for label, _, _ in FAMILIES]
+    lines = [FAMILIES_HEADING, "",
+             f"Machine: {cpu()}. Command: `make bench` (`scripts/bench-anomaly.sh`: "
+             "`scripts/bench_anomaly.py --families`). The setups and split of the anomaly section. "
+             "Each family is trained with the anomaly preset's data handling (Yeo–Johnson per "
+             "feature, its schedule and early stopping) and only the model changed: the preset's "
+             "MAF of 5 MADEs in one order; the same with a rational-quadratic spline per feature "
+             "(`--transform spline`: still one order, so its per-feature contributions stay "
+             "exact); a coupling neural spline flow with LU-linear layers between its 5 couplings "
+             "(`--family nsf --permutation lu`); RealNVP's 5 affine couplings (`--family "
+             "realnvp`). All of them are served by one `flowserve` and every test row is scored "
+             "through `POST /score` over HTTP; a row's anomaly score is its −log p(x). "
+             f"Seeds 1 to {args.flow_seeds}, means. Test NLL (nats per row, on each flow's own "
+             "held-out normal rows; lower is better) and training seconds are means too.", "",
+             "| setup | " + " | ".join(f"{l} AUROC / AUPRC" for l in labels) + " |",
+             "|---|" + "---:|" * len(labels)]
+    def m(rows, label, key):
+        return float(np.mean([r[key] for row in rows for r in row[label]]))
+    for gname, rows in g.items():
+        lab = gname if len(rows) == 1 else f"{gname} (mean of {len(rows)} held-out classes)"
+        lines.append(f"| {lab} | " + " | ".join(
+            f"{m(rows, l, 'auroc'):.3f} / {m(rows, l, 'auprc'):.3f}" for l in labels) + " |")
+    lines.append("| **mean AUROC over setups** | " + " | ".join(
+        f"**{np.mean([m(rows, l, 'auroc') for rows in g.values()]):.3f}**" for l in labels) + " |")
+    lines += ["", "| setup | " + " | ".join(f"{l} NLL / train s" for l in labels) + " |",
+              "|---|" + "---:|" * len(labels)]
+    for gname, rows in g.items():
+        lines.append(f"| {gname} | " + " | ".join(
+            f"{m(rows, l, 'nll'):.2f} / {m(rows, l, 'seconds'):.0f}" for l in labels) + " |")
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if args.out:
+        write_section(args.out, FAMILIES_HEADING, section)
 
 
 def groups(results):
@@ -275,31 +395,6 @@ def report(results, args):
 def n_seeds(results):
     return len(next(iter(results.values()))[FLOW]["auroc_per_seed"])
 
-
-def cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores"
-
-
-def write_section(path, heading, section):
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError:
-        text = "# Benchmarks\n\n"
-    start = text.find(heading)
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

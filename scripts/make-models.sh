@@ -25,5 +25,7 @@ shuttle|--preset anomaly --data .data/shuttle_normal.csv --seed 1
 digits|--family glow --data digits --layers 4 --levels 2 --hidden 32 --steps 1500 --eval-every 100 --patience 5 --seed 1
 wine_by_quality|--family maf --data wine --context quality:categorical --layers 5 --hidden 100 --batch-norm true --permutation reverse --steps 4000 --eval-every 50 --patience 20 --seed 1
 digits_by_label|--family glow --data digits --context label:categorical --layers 4 --levels 2 --hidden 32 --steps 1500 --eval-every 100 --patience 5 --seed 1
+wine_nsf|--family nsf --data wine --layers 5 --hidden 100 --batch-norm true --permutation lu --batch-size 100 --lr 1e-4 --steps 20000 --eval-every 50 --patience 10 --seed 1
+wine_maf_spline|--family maf --transform spline --data wine --layers 5 --hidden 100 --batch-norm true --permutation reverse --batch-size 100 --lr 1e-4 --steps 20000 --eval-every 50 --patience 10 --seed 1
 LIST
 echo "bundled packages are in $MODELS/"
