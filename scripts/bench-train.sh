@@ -150,7 +150,8 @@ with a learned LU-parameterised linear map between them (`--permutation lu`, the
 layout); **maf spline**: 5 MADEs each giving every feature 3K − 1 spline parameters (`--transform
 spline`), orders shared. Splines act on [−B, B] of the standardised (and batch-normed) values, the
 identity outside. The affine rows repeat the table above's runs. Served AUROC of the same families
-on the anomaly setups is in the anomaly section; steps/s against zuko's NSF in the next section."""
+on the anomaly setups: "Flow families as anomaly scorers"; speed against zuko's NSF: "Training speed: neural
+spline flows, flowtrain vs zuko"."""
 else:
     title = "## Training: MADE, MAF and RealNVP with the MAF paper's settings (flowtrain)"
     text_ = head + """ Settings from Papamakarios et al. (2017) for the UCI sets where they fit: 2 hidden layers of 100 ReLU

@@ -105,10 +105,15 @@ def train_flow(args, work, name, names, train, test, y, variant, extra, seed):
     cmd = [args.flowtrain, "train", "--preset", "anomaly", "--data", os.path.join(d, "train.csv"),
            "--out", os.path.join(d, "model"), "--seed", str(seed), "--fresh", "--quiet"]
     cmd += extra.split() + args.extra_args.split()
+    summary = os.path.join(d, "model", "summary.json")
+    if args.reuse and os.path.exists(summary):
+        with open(summary) as f:
+            s = json.load(f)
+        return d, s["test_nll"], s["train_seconds"]
     t0 = time.time()
     subprocess.run(cmd, check=True, capture_output=True)
     train_s = time.time() - t0
-    with open(os.path.join(d, "model", "summary.json")) as f:
+    with open(summary) as f:
         nll = json.load(f)["test_nll"]
     return d, nll, train_s
 
@@ -157,6 +162,8 @@ def main():
                     help="flows trained per setup and variant (seeds 1..N); metrics are their mean")
     ap.add_argument("--preset-only", action="store_true", help="skip the reversed-order flows (no report)")
     ap.add_argument("--from-json", default="", help="only rewrite the report from a saved anomaly.json")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep flows already trained in WORKDIR (same setup, variant and seed)")
     ap.add_argument("--families", action="store_true",
                     help="compare flow families as scorers through POST /score instead")
     args = ap.parse_args()
@@ -310,7 +317,8 @@ def families(args):
     def m(rows, label, key):
         return float(np.mean([r[key] for row in rows for r in row[label]]))
     for gname, rows in g.items():
-        lab = gname if len(rows) == 1 else f"{gname} (mean of {len(rows)} held-out classes)"
+        held = [n for n in results if n.startswith(gname)]
+        lab = gname if held == [gname] else f"{gname} (held-out {', '.join(held)}; mean)"
         lines.append(f"| {lab} | " + " | ".join(
             f"{m(rows, l, 'auroc'):.3f} / {m(rows, l, 'auprc'):.3f}" for l in labels) + " |")
     lines.append("| **mean AUROC over setups** | " + " | ".join(

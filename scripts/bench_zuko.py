@@ -117,9 +117,13 @@ def main():
         "`zuko.flows.NSF()`. A step is the forward pass, backward pass and Adam update of one "
         f"minibatch; each run trains {args.steps} steps and reports its median step after the "
         f"first 20; the table gives the median over {args.rounds} rounds that alternate the two "
-        "systems, at 1 and at 2 threads. Parameter counts differ a little: zuko's masked "
-        "conditioner sees all features (masked), flowtrain's coupling conditioner only the kept "
-        "half.",
+        "systems, at 1 and at 2 threads. The autoregressive pair is the same network; the "
+        "coupling pair is not quite: zuko's coupling is its masked network run in two passes "
+        "(every feature in, masked, and parameters out for all of them), flowtrain's coupling "
+        "network takes only the kept half and emits only the moved half's parameters, so it is "
+        "smaller (the parameters column) — part of its lead is doing less. flowtrain is slower "
+        "with 2 threads than with 1 (candle's threads on these small matrices; issue 14's "
+        "subject), PyTorch a little faster.",
         "",
         "| flow | threads | flowtrain ms/step | zuko ms/step | flowtrain / zuko steps/s | parameters (flowtrain / zuko) |",
         "|---|---:|---:|---:|---:|---:|",
