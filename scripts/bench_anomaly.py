@@ -310,7 +310,9 @@ def families(args):
              "(`--family nsf --permutation lu`); RealNVP's 5 affine couplings (`--family "
              "realnvp`). All of them are served by one `flowserve` and every test row is scored "
              "through `POST /score` over HTTP; a row's anomaly score is its −log p(x). "
-             f"Seeds 1 to {args.flow_seeds}, means. Test NLL (nats per row, on each flow's own "
+             + (f"Seeds 1 to {args.flow_seeds}, means. " if args.flow_seeds > 1 else
+                "One seed (1) per flow, so differences of a few thousandths are noise. ")
+             + f"Test NLL (nats per row, on each flow's own "
              "held-out normal rows; lower is better) and training seconds are means too.", "",
              "| setup | " + " | ".join(f"{l} AUROC / AUPRC" for l in labels) + " |",
              "|---|" + "---:|" * len(labels)]
