@@ -148,13 +148,7 @@ async fn endpoints_match_the_graphs_run_directly() {
             .await;
         assert_ne!(c["samples"], a["samples"], "no seed, fresh entropy");
     }
-    let r = server
-        .client
-        .get(server.url("/v1/models"))
-        .send()
-        .await
-        .unwrap();
-    let models: Value = r.json().await.unwrap();
+    let models = server.get_json("/v1/models").await;
     let names: Vec<&str> = models["models"]
         .as_array()
         .unwrap()
@@ -175,13 +169,7 @@ async fn endpoints_match_the_graphs_run_directly() {
             "wine_nsf"
         ]
     );
-    let r = server
-        .client
-        .get(server.url("/v1/models/wine_maf"))
-        .send()
-        .await
-        .unwrap();
-    let maf: Value = r.json().await.unwrap();
+    let maf = server.get_json("/v1/models/wine_maf").await;
     assert_eq!(maf["family"], "maf");
     assert_eq!(
         maf["cost"],
@@ -193,15 +181,7 @@ async fn endpoints_match_the_graphs_run_directly() {
         ("wine_maf_spline", "maf", "sequential"),
         ("wine_nsf", "nsf", "one_pass"),
     ] {
-        let m: Value = server
-            .client
-            .get(server.url(&format!("/v1/models/{name}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let m = server.get_json(&format!("/v1/models/{name}")).await;
         assert_eq!(m["family"], family);
         assert_eq!(
             m["cost"],
@@ -209,13 +189,7 @@ async fn endpoints_match_the_graphs_run_directly() {
             "{name}"
         );
     }
-    let r = server
-        .client
-        .get(server.url("/v1/models/wine"))
-        .send()
-        .await
-        .unwrap();
-    let wine: Value = r.json().await.unwrap();
+    let wine = server.get_json("/v1/models/wine").await;
     assert_eq!(wine["family"], "realnvp");
     assert_eq!(wine["event_shape"], json!([11]));
     assert_eq!(wine["cost"]["encode"], "one_pass");
@@ -685,15 +659,7 @@ async fn a_corrupt_package_is_refused_while_the_valid_ones_serve() {
 
     let server = Server::start_owned(&root, &[], Some(tmp));
     server.ready().await;
-    let models: Value = server
-        .client
-        .get(server.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = server.get_json("/v1/models").await;
     let served: Vec<(String, u64)> = models["models"]
         .as_array()
         .unwrap()

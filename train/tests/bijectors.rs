@@ -294,25 +294,14 @@ fn batch_norm_ignores_non_finite_batches() {
 }
 
 fn made(order: Vec<usize>, seed: u64) -> (Params, Made) {
-    let p = Params::new(seed);
-    let d = order.len();
-    let m = Made::new(
-        &p,
-        d,
-        &[16, 16],
-        Activation::Relu,
+    test_made(
         order,
-        Transform::Affine { clamp: 3.0 },
         seed,
+        16,
+        Transform::Affine { clamp: 3.0 },
         0,
+        (300 + seed, 0.5),
     )
-    .unwrap()
-    .agnostic(Agnostic {
-        order: true,
-        connectivity: true,
-    });
-    randomize(&p, 300 + seed, 0.5);
-    (p, m)
 }
 
 #[test]

@@ -340,26 +340,8 @@ fn spline_made(
     seed: u64,
     context: usize,
 ) -> (Params, flowtrain::bijectors::Made) {
-    use flowtrain::bijectors::{Agnostic, Made, Transform};
-    let p = Params::new(seed);
-    let d = order.len();
-    let m = Made::new(
-        &p,
-        d,
-        &[24, 24],
-        Activation::Relu,
-        order,
-        Transform::Spline(spline()),
-        seed,
-        context,
-    )
-    .unwrap()
-    .agnostic(Agnostic {
-        order: true,
-        connectivity: true,
-    });
-    randomize(&p, 500 + seed, 0.3);
-    (p, m)
+    let spline = flowtrain::bijectors::Transform::Spline(spline());
+    test_made(order, seed, 24, spline, context, (500 + seed, 0.3))
 }
 
 /// The autoregressive spline (MADE with 3K − 1 outputs per feature): a bijector whose

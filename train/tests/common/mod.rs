@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use flowpack::runtime::{GraphSession, SessionOptions};
 use flowpack::signature::{CONTEXT, DATA, LATENT};
 use flowpack::TensorSpec;
-use flowtrain::bijectors::{Bijector, Ctx, LogDet};
+use flowtrain::bijectors::{Agnostic, Bijector, Ctx, LogDet, Made, Transform};
+use flowtrain::nn::Activation;
 use flowtrain::onnx::{Graph, Value};
 use flowtrain::params::Params;
 use prost::Message;
@@ -338,4 +339,37 @@ pub fn check_conditional_bijector(
 
 pub fn zeros(d: usize) -> Tensor {
     Tensor::zeros(d, DType::F32, &Device::Cpu).unwrap()
+}
+
+/// A MADE over `order.len()` features for bijector tests: two ReLU hidden layers of `width`,
+/// `transform` per feature, `context` context values per row, order- and
+/// connectivity-agnostic (so mask sets k ≥ 1 resample), with its parameters randomised by
+/// `randomize(params, noise.0, noise.1)` so that no layer starts at the identity.
+pub fn test_made(
+    order: Vec<usize>,
+    seed: u64,
+    width: usize,
+    transform: Transform,
+    context: usize,
+    noise: (u64, f32),
+) -> (Params, Made) {
+    let p = Params::new(seed);
+    let d = order.len();
+    let m = Made::new(
+        &p,
+        d,
+        &[width, width],
+        Activation::Relu,
+        order,
+        transform,
+        seed,
+        context,
+    )
+    .unwrap()
+    .agnostic(Agnostic {
+        order: true,
+        connectivity: true,
+    });
+    randomize(&p, noise.0, noise.1);
+    (p, m)
 }
