@@ -12,7 +12,7 @@ use candle_core::Var;
 use common::*;
 use flowpack::{ContextKind, Package};
 use flowtrain::bijectors::{
-    Agnostic, ContextAffine, Coupling, Ctx, Elementwise, ImageMask, Inverse, Made, Mask, Transform,
+    ContextAffine, Coupling, Ctx, Elementwise, ImageMask, Inverse, Made, Mask, Transform,
 };
 use flowtrain::config::{Config, Family, PermutationKind};
 use flowtrain::nn::Activation;
