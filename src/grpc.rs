@@ -43,6 +43,7 @@ fn status(e: &ApiError) -> Status {
     let code = match e.status().as_u16() {
         400 | 413 | 415 | 422 => Code::InvalidArgument,
         404 => Code::NotFound,
+        409 => Code::FailedPrecondition,
         429 => Code::ResourceExhausted,
         503 => Code::Unavailable,
         504 => Code::DeadlineExceeded,

@@ -287,7 +287,7 @@ async fn v2_bad_tensors_get_protocol_errors_and_the_server_keeps_serving() {
         (
             "moons",
             json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP64", "data": [1, 2]}]}),
-            400,
+            422,
             "datatype FP64; the model takes FP32",
         ),
         (
@@ -305,32 +305,32 @@ async fn v2_bad_tensors_get_protocol_errors_and_the_server_keeps_serving() {
         (
             "moons",
             x(json!([2, 2]), json!([1, 2, 3])),
-            400,
+            422,
             "shape [2, 2] has 4 elements but data has 3",
         ),
         (
             "moons",
             x(json!([2]), json!([1, 2])),
-            400,
+            422,
             "input \"x\": shape [2]; the model takes [N, 2]",
         ),
         (
             "moons",
             json!({"inputs": [{"name": "y", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}),
-            400,
+            422,
             "unknown input \"y\"",
         ),
         (
             "moons",
             json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}], "outputs": [{"name": "q"}]}),
-            400,
+            422,
             "unknown output \"q\"",
         ),
-        ("moons", json!({"inputs": []}), 400, "moons takes one input"),
+        ("moons", json!({"inputs": []}), 422, "moons takes one input"),
         (
             "moons",
             json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 1e39]}]}),
-            400,
+            422,
             "outside the float32 range",
         ),
         ("moons", json!({"inputs": "x"}), 422, "inputs: invalid type"),
@@ -343,7 +343,7 @@ async fn v2_bad_tensors_get_protocol_errors_and_the_server_keeps_serving() {
         (
             "moons.sample",
             json!({"inputs": [{"name": "num_samples", "shape": [1], "datatype": "FP32", "data": [2]}]}),
-            400,
+            422,
             "send an integer type",
         ),
         ("nope", x(json!([1, 2]), json!([1, 2])), 404, "nope"),
@@ -366,14 +366,14 @@ async fn v2_bad_tensors_get_protocol_errors_and_the_server_keeps_serving() {
             head(4),
             le_bytes(&[1.0]),
             0i64,
-            400,
+            422,
             "binary_data_size is 4 bytes but shape [1, 2] of FP32 needs 8",
         ),
         (
             head(8),
             le_bytes(&[1.0]),
             0,
-            400,
+            422,
             "this input needs bytes 0..8",
         ),
         (

@@ -106,3 +106,351 @@ async fn every_example_in_the_spec_is_accepted() {
     }
     assert_eq!(posted, 13);
 }
+
+/// The Python of `.test-venv` (schemathesis, jsonschema), which `make test` installs.
+fn venv_tool(name: &str) -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".test-venv/bin")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `make test-venv` (scripts/test-venv.sh)",
+        p.display()
+    );
+    p
+}
+
+/// openapi.yaml's verdict on each `(method, spec path, body)`: `None` when the body is valid.
+fn spec_verdicts(bodies: &[(&str, &str, serde_json::Value)]) -> Vec<Option<String>> {
+    use std::io::Write;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut child = std::process::Command::new(venv_tool("python"))
+        .arg(format!("{root}/tests/spec_verdict.py"))
+        .arg(format!("{root}/openapi.yaml"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = serde_json::to_vec(
+        &bodies
+            .iter()
+            .map(|(m, p, b)| serde_json::json!([m, p, b]))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "spec_verdict.py failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// (spec path, URL, extra header, body, valid by the spec, status, what the answer holds)
+type Case = (
+    &'static str,
+    &'static str,
+    Option<(&'static str, &'static str)>,
+    serde_json::Value,
+    bool,
+    u16,
+    &'static str,
+);
+
+/// The cases where a property-based run over the spec found the spec and the server
+/// disagreeing, each settled on one side: the spec's verdict on the body and the server's
+/// answer must agree (valid: served, or 422 only where validity depends on the model and
+/// the spec says so; invalid: a 4xx naming the field).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spec_and_the_server_agree_on_what_the_fuzzer_found() {
+    use serde_json::json;
+    let server = Server::start(&bundled_models(), &[]);
+    server.ready().await;
+    let x = json!([{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]);
+    let cases: Vec<Case> = vec![
+        // Rows: numbers only (null is refused on both sides), at most [C][H][W], never empty.
+        (
+            "/log_prob",
+            "/log_prob",
+            None,
+            json!({"model": "moons", "inputs": [[[null, null]]]}),
+            false,
+            422,
+            "inputs[0][0][0]: invalid type: null",
+        ),
+        (
+            "/encode",
+            "/encode",
+            None,
+            json!({"model": "moons", "inputs": [[null, 1]]}),
+            false,
+            422,
+            "inputs[0][0]: invalid type: null",
+        ),
+        (
+            "/decode",
+            "/decode",
+            None,
+            json!({"model": "moons", "latents": [[[[[0]]]]]}),
+            false,
+            422,
+            "nested deeper than [C][H][W]",
+        ),
+        (
+            "/decode",
+            "/decode",
+            None,
+            json!({"model": "digits", "latents": [[]]}),
+            false,
+            422,
+            "must have shape [1, 8, 8]",
+        ),
+        (
+            "/log_prob",
+            "/log_prob",
+            None,
+            json!({"model": "moons", "inputs": [[1e39, 0]]}),
+            false,
+            422,
+            "outside the float32 range",
+        ),
+        // JSON Schema integers: 312.0 is one.
+        (
+            "/sample",
+            "/sample",
+            None,
+            json!({"model": "moons", "num_samples": 312.0, "seed": 7.0}),
+            true,
+            200,
+            "\"seed\":7",
+        ),
+        (
+            "/score",
+            "/score",
+            None,
+            json!({"model": "shuttle", "inputs": [[50, 21, 77, 0, 28, 0, 27, 48, 22]], "top": 2.0}),
+            true,
+            200,
+            "\"contributions\":[{",
+        ),
+        (
+            "/sample",
+            "/sample",
+            None,
+            json!({"model": "moons", "num_samples": 3.5}),
+            false,
+            422,
+            "num_samples: invalid type: floating point `3.5`",
+        ),
+        // null is "not sent" (the default), for every optional field.
+        (
+            "/v1/models/{name}/log_prob",
+            "/v1/models/moons/log_prob",
+            None,
+            json!({"model": null, "inputs": [[1, 2]], "context": null}),
+            true,
+            200,
+            "\"log_prob\":[",
+        ),
+        (
+            "/sample",
+            "/sample",
+            None,
+            json!({"model": "moons", "num_samples": 2, "format": null, "temperature": null, "seed": null, "context": null}),
+            true,
+            200,
+            "\"samples\":[[",
+        ),
+        (
+            "/score",
+            "/score",
+            None,
+            json!({"model": "shuttle", "inputs": [[50, 21, 77, 0, 28, 0, 27, 48, 22]], "threshold": null, "contributions": null, "top": null}),
+            true,
+            200,
+            "\"scores\":[{",
+        ),
+        // No model named with several served and no --default-model: the 422 the spec now describes.
+        (
+            "/sample",
+            "/sample",
+            None,
+            json!({"num_samples": 1}),
+            true,
+            422,
+            "model: name one of the served models",
+        ),
+        (
+            "/log_prob",
+            "/log_prob",
+            None,
+            json!({"model": null, "inputs": [[1, 2]]}),
+            true,
+            422,
+            "model: name one of the served models",
+        ),
+        // The Open Inference Protocol: integral shapes, boolean flags, one input at least, the
+        // header only with a binary body.
+        (
+            "/v2/models/{name}/infer",
+            "/v2/models/moons/infer",
+            None,
+            json!({"inputs": [{"name": "x", "shape": [1.0, 2], "datatype": "FP32", "data": [1, 2]}]}),
+            true,
+            200,
+            "\"model_name\":\"moons\"",
+        ),
+        (
+            "/v2/models/{name}/infer",
+            "/v2/models/moons/infer",
+            None,
+            json!({"inputs": x, "outputs": [{"name": "z", "parameters": {"binary_data": {}}}]}),
+            false,
+            422,
+            "outputs[0].parameters.binary_data must be true or false",
+        ),
+        (
+            "/v2/models/{name}/infer",
+            "/v2/models/moons/infer",
+            None,
+            json!({"inputs": []}),
+            false,
+            422,
+            "moons takes one input",
+        ),
+        (
+            "/v2/models/{name}/infer",
+            "/v2/models/moons/infer",
+            Some(("inference-header-content-length", "1")),
+            json!({"inputs": x}),
+            true,
+            400,
+            "first 1 bytes (Inference-Header-Content-Length)",
+        ),
+        (
+            "/v2/repository/index",
+            "/v2/repository/index",
+            None,
+            json!([null, null]),
+            false,
+            400,
+            "must be a JSON object",
+        ),
+        (
+            "/v2/repository/index",
+            "/v2/repository/index",
+            None,
+            json!({"ready": true}),
+            true,
+            200,
+            "\"state\":\"READY\"",
+        ),
+        (
+            "/v2/repository/models/{name}/load",
+            "/v2/repository/models/moons/load",
+            None,
+            json!({}),
+            true,
+            409,
+            "needs --model-control explicit (this server runs with none)",
+        ),
+        (
+            "/v2/repository/models/{name}/unload",
+            "/v2/repository/models/moons/unload",
+            None,
+            json!([1]),
+            false,
+            400,
+            "must be a JSON object",
+        ),
+    ];
+    let verdicts = spec_verdicts(
+        &cases
+            .iter()
+            .map(|(path, _, _, body, ..)| ("POST", *path, body.clone()))
+            .collect::<Vec<_>>(),
+    );
+    for ((_, url, header, body, valid, status, needle), verdict) in cases.iter().zip(verdicts) {
+        assert_eq!(
+            verdict.is_none(),
+            *valid,
+            "openapi.yaml on {url} {body}: {verdict:?}"
+        );
+        let mut req = server.client.post(server.url(url)).json(body);
+        if let Some((k, v)) = header {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.unwrap();
+        let got = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        assert_eq!(got, *status, "{url} {body} → {text}");
+        assert!(
+            text.contains(needle),
+            "{url} {body}: {text} lacks {needle:?}"
+        );
+        // A 422 for a body the spec calls valid is one the spec must describe: only the
+        // model-dependent answers of the inference routes.
+        if *valid && got == 422 {
+            assert!(!url.starts_with("/v2/repository"), "{url}");
+        }
+    }
+    // The server refused nothing it should not have, and still serves.
+    let (s, _) = server
+        .post(
+            "/log_prob",
+            json!({"model": "moons", "inputs": [[0.5, 0.25]]}),
+        )
+        .await;
+    assert_eq!(s, 200);
+}
+
+/// schemathesis over openapi.yaml against a real server: every route, every check, a fixed
+/// seed and a bounded number of examples per operation (`CONTRACT_EXAMPLES`, default 40;
+/// `make fuzz` runs more). Zero failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_contract_holds_under_property_based_fuzzing() {
+    let server = Server::start(&bundled_models(), &[]);
+    server.ready().await;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let examples = std::env::var("CONTRACT_EXAMPLES").unwrap_or_else(|_| "40".into());
+    let seed = std::env::var("CONTRACT_SEED").unwrap_or_else(|_| "1".into());
+    let report = tempfile::tempdir().unwrap();
+    // The server is another process: blocking this test's runtime while the fuzzer runs is fine.
+    let out = std::process::Command::new(venv_tool("st"))
+        .current_dir(report.path())
+        .args(["--config-file", &format!("{root}/tests/schemathesis.toml")])
+        .arg("run")
+        .arg(format!("{root}/openapi.yaml"))
+        .args(["--url", &server.base])
+        .args(["--seed", &seed, "--max-examples", &examples])
+        .args(["--checks", "all", "--workers", "1", "--no-color"])
+        .args(["--request-timeout", "30"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary: String = text
+        .lines()
+        .filter(|l| l.contains("generated") || l.contains("Operations:") || l.contains("Tested:"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    eprintln!("schemathesis (seed {seed}, {examples} examples per operation): {summary}");
+    assert!(
+        out.status.success(),
+        "schemathesis found contract failures:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every operation ran, and the cases all passed.
+    assert!(text.contains("Tested: 27"), "{text}");
+    let line = text.lines().find(|l| l.contains(" generated, ")).unwrap();
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(
+        nums.len() == 2 && nums[0] == nums[1] && nums[0] > 1000,
+        "{line}"
+    );
+    // The server is still up and answering.
+    assert_eq!(
+        server.get_json("/healthz").await["status"],
+        serde_json::json!("alive")
+    );
+}

@@ -29,6 +29,10 @@ pub enum ApiError {
     /// 415: not JSON.
     #[error("{0}")]
     NotJson(String),
+    /// 409: the request conflicts with how the server runs (a repository change without
+    /// `--model-control explicit`).
+    #[error("{0}")]
+    Conflict(String),
     /// 422: well-formed but invalid values.
     #[error("{0}")]
     Invalid(String),
@@ -60,6 +64,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotJson(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -77,6 +82,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::NotJson(_) => "unsupported_media_type",
+            ApiError::Conflict(_) => "conflict",
             ApiError::Invalid(_) => "invalid_input",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::Engine(_) => "engine_error",
@@ -97,7 +103,10 @@ impl ApiError {
             ApiError::Overloaded { .. } => Some(Rejection::Overloaded),
             ApiError::Engine(_) => Some(Rejection::EngineError),
             ApiError::Deadline => Some(Rejection::Timeout),
-            ApiError::NoRoute(_) | ApiError::MethodNotAllowed(_) | ApiError::Unavailable(_) => None,
+            ApiError::NoRoute(_)
+            | ApiError::MethodNotAllowed(_)
+            | ApiError::Conflict(_)
+            | ApiError::Unavailable(_) => None,
         }
     }
 

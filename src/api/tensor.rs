@@ -37,6 +37,7 @@ pub struct InputHeader {
     /// Its name.
     pub name: String,
     /// Its shape, batch dimension first.
+    #[serde(deserialize_with = "super::wire::whole_list")]
     pub shape: Vec<u64>,
     /// Its element type (`FP32`, `INT64`, ...).
     pub datatype: String,
@@ -227,9 +228,12 @@ pub fn decode_inputs(header: &mut InferHeader, binary: &[u8]) -> Result<Vec<Inpu
     let mut out = Vec::with_capacity(header.inputs.len());
     for input in &mut header.inputs {
         let name = &input.name;
-        let bad = |msg: String| ApiError::Malformed(format!("input {name:?}: {msg}"));
+        // A tensor whose parts disagree is 422, like /v1's values; a datatype or byte count that
+        // is not one at all is 400, as is a body whose binary part does not add up (below).
+        let bad = |msg: String| ApiError::Invalid(format!("input {name:?}: {msg}"));
+        let framing = |msg: String| ApiError::Malformed(format!("input {name:?}: {msg}"));
         let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
-            bad(format!(
+            framing(format!(
                 "datatype {:?} is not one this server reads (FP32, FP64, INT32, INT64, UINT32, UINT64)",
                 input.datatype
             ))
@@ -247,8 +251,14 @@ pub fn decode_inputs(header: &mut InferHeader, binary: &[u8]) -> Result<Vec<Inpu
             None => None,
             Some(v) => Some(
                 v.as_u64()
-                    .ok_or_else(|| bad("binary_data_size must be a whole number of bytes".into()))?
-                    as usize,
+                    .or_else(|| {
+                        v.as_f64()
+                            .filter(|f| f.fract() == 0.0 && (0.0..1e19).contains(f))
+                            .map(|f| f as u64)
+                    })
+                    .ok_or_else(|| {
+                        framing("binary_data_size must be a whole number of bytes".into())
+                    })? as usize,
             ),
         };
         let data = match (binary_size, input.data.take()) {
@@ -315,7 +325,7 @@ pub fn checked(input: Input) -> Result<Input, ApiError> {
         Data::Int(v) => v.len(),
     };
     if count != Some(len) {
-        return Err(ApiError::Malformed(format!(
+        return Err(ApiError::Invalid(format!(
             "input {name:?}: shape {:?} does not hold the {len} elements sent",
             input.shape
         )));
@@ -524,6 +534,29 @@ pub fn encode_response(
         }
     }
     (body, Some(json_len))
+}
+
+/// 422 unless `binary_data_output` and each output's `binary_data` are booleans (or null,
+/// or absent): a flag the server would otherwise read as false.
+pub fn check_binary_flags(header: &InferHeader) -> Result<(), ApiError> {
+    let bad = |v: &Value| !(v.is_boolean() || v.is_null());
+    if let Some(v) = header
+        .parameters
+        .get("binary_data_output")
+        .filter(|v| bad(v))
+    {
+        return Err(ApiError::Invalid(format!(
+            "parameters.binary_data_output must be true or false, got {v}"
+        )));
+    }
+    for (i, o) in header.outputs.iter().flatten().enumerate() {
+        if let Some(v) = o.parameters.get("binary_data").filter(|v| bad(v)) {
+            return Err(ApiError::Invalid(format!(
+                "outputs[{i}].parameters.binary_data must be true or false, got {v}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the request asks for output `name` as binary: its own `binary_data` parameter, else

@@ -362,7 +362,7 @@ pub(crate) async fn run(
     for i in &inputs {
         if !expected.iter().any(|e| e.name == i.name) {
             let names: Vec<&str> = expected.iter().map(|e| e.name).collect();
-            return Err(ApiError::Malformed(format!(
+            return Err(ApiError::Invalid(format!(
                 "unknown input {:?}; {} takes {}",
                 i.name,
                 p.name,
@@ -381,7 +381,7 @@ pub(crate) async fn run(
                     .map(|a| a.name)
                     .ok_or_else(|| {
                         let names: Vec<&str> = available.iter().map(|a| a.name).collect();
-                        ApiError::Malformed(format!(
+                        ApiError::Invalid(format!(
                             "unknown output {o:?}; {} has {}",
                             p.name,
                             names.join(", ")
@@ -445,7 +445,7 @@ pub(crate) async fn run(
         }
         View::Sample => {
             let n = scalar_int(&mut inputs, NUM_SAMPLES)?.ok_or_else(|| {
-                ApiError::Malformed(format!("{} needs input {NUM_SAMPLES:?}", p.name))
+                ApiError::Invalid(format!("{} needs input {NUM_SAMPLES:?}", p.name))
             })?;
             let limit = call.config().max_samples_per_request.min(call.max_rows());
             if n < 1 || n > limit as i128 {
@@ -513,12 +513,18 @@ pub(super) async fn infer(
         .map(|v| v.to_str().unwrap_or("?"));
     let (json_part, binary) = tensor::split_body(&body, length)?;
     if json_part.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::Malformed(
+        return Err(ApiError::Invalid(
             "the body is empty; send an inference request".into(),
         ));
     }
-    let mut req: InferHeader =
-        serde_json::from_slice(json_part).map_err(|_| explain::<InferHeader>(json_part))?;
+    let mut req: InferHeader = serde_json::from_slice(json_part).map_err(|e| match length {
+        Some(n) if e.is_eof() || e.is_syntax() => ApiError::Malformed(format!(
+            "the body's first {n} bytes (Inference-Header-Content-Length) are not a whole JSON \
+             inference request: {e}"
+        )),
+        _ => explain::<InferHeader>(json_part),
+    })?;
+    tensor::check_binary_flags(&req)?;
     let inputs = tensor::decode_inputs(&mut req, binary)?;
     let outputs = req
         .outputs
@@ -556,7 +562,7 @@ fn take(inputs: Vec<Input>, name: &str, model: &str) -> Result<Input, ApiError> 
     let mut it = inputs.into_iter();
     match (it.next(), n) {
         (Some(i), 1) if i.name == name => Ok(i),
-        _ => Err(ApiError::Malformed(format!(
+        _ => Err(ApiError::Invalid(format!(
             "{model} takes one input, {name:?}; got {n}"
         ))),
     }
@@ -571,13 +577,13 @@ fn take_optional(inputs: &mut Vec<Input>, name: &str) -> Option<Input> {
 fn rows(input: Input, event: &[usize]) -> Result<Rows, ApiError> {
     let name = &input.name;
     if input.datatype != DataType::Fp32 {
-        return Err(ApiError::Malformed(format!(
+        return Err(ApiError::Invalid(format!(
             "input {name:?}: datatype {}; the model takes FP32",
             input.datatype.as_str()
         )));
     }
     if input.shape.len() != event.len() + 1 {
-        return Err(ApiError::Malformed(format!(
+        return Err(ApiError::Invalid(format!(
             "input {name:?}: shape {:?}; the model takes [N, {}]",
             input.shape,
             event
@@ -604,11 +610,11 @@ fn scalar_int(inputs: &mut Vec<Input>, name: &str) -> Result<Option<i128>, ApiEr
     };
     match i.data {
         Data::Int(v) if v.len() == 1 => Ok(Some(v[0])),
-        Data::Int(v) => Err(ApiError::Malformed(format!(
+        Data::Int(v) => Err(ApiError::Invalid(format!(
             "input {name:?}: one element expected, got {}",
             v.len()
         ))),
-        _ => Err(ApiError::Malformed(format!(
+        _ => Err(ApiError::Invalid(format!(
             "input {name:?}: datatype {}; send an integer type (INT64, UINT64, ...)",
             i.datatype.as_str()
         ))),
@@ -621,7 +627,7 @@ fn scalar_float(i: Input) -> Result<f64, ApiError> {
         Data::F32(v) => v.into_iter().map(f64::from).collect(),
         Data::F64(v) => v,
         Data::Int(_) => {
-            return Err(ApiError::Malformed(format!(
+            return Err(ApiError::Invalid(format!(
                 "input {:?}: datatype {}; send FP32 or FP64",
                 i.name,
                 i.datatype.as_str()
@@ -630,7 +636,7 @@ fn scalar_float(i: Input) -> Result<f64, ApiError> {
     };
     match v[..] {
         [x] => Ok(x),
-        _ => Err(ApiError::Malformed(format!(
+        _ => Err(ApiError::Invalid(format!(
             "input {:?}: one element expected, got {}",
             i.name,
             v.len()
@@ -649,9 +655,32 @@ pub(super) struct IndexEntry {
     reason: Option<String>,
 }
 
+/// The optional body of the repository routes: nothing, or a JSON object (its `ready` read by
+/// the index; other keys, such as Triton's load `parameters`, ignored).
+fn repository_body(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Default::default());
+    }
+    match serde_json::from_slice(body) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::Malformed(
+            "the body must be a JSON object (or empty)".into(),
+        )),
+        Err(e) => Err(ApiError::Malformed(format!("malformed JSON: {e}"))),
+    }
+}
+
 /// `POST /v2/repository/index`: every served model (READY) and every refused package
-/// (UNAVAILABLE, with the reason).
-pub(super) async fn repository_index(call: Call) -> Result<Json<Vec<IndexEntry>>, ApiError> {
+/// (UNAVAILABLE, with the reason); with `{"ready": true}` only the served ones.
+pub(super) async fn repository_index(
+    call: Call,
+    Body(body): Body,
+) -> Result<Json<Vec<IndexEntry>>, ApiError> {
+    let ready_only = match repository_body(&body)?.get("ready") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::Invalid("ready must be true or false".into())),
+    };
     let repo = call.repository()?;
     let mut index: Vec<IndexEntry> = repo
         .versions
@@ -664,6 +693,9 @@ pub(super) async fn repository_index(call: Call) -> Result<Json<Vec<IndexEntry>>
             reason: None,
         })
         .collect();
+    if ready_only {
+        return Ok(Json(index));
+    }
     index.extend(repo.failures.iter().map(|f| IndexEntry {
         name: f.model.clone(),
         version: f.version.map(|v| v.to_string()),
@@ -675,9 +707,10 @@ pub(super) async fn repository_index(call: Call) -> Result<Json<Vec<IndexEntry>>
 
 fn explicit(s: &AppState, what: &str) -> Result<(), ApiError> {
     if s.config.model_control != ModelControl::Explicit {
-        return Err(ApiError::Invalid(format!(
-            "{what} needs --model-control explicit (this server runs with {:?})",
-            s.config.model_control
+        return Err(ApiError::Conflict(format!(
+            "{what} needs --model-control explicit (this server runs with {})",
+            clap::ValueEnum::to_possible_value(&s.config.model_control)
+                .map_or_else(String::new, |v| v.get_name().to_string())
         )));
     }
     Ok(())
@@ -688,7 +721,9 @@ fn explicit(s: &AppState, what: &str) -> Result<(), ApiError> {
 pub(super) async fn repository_load(
     State(s): St,
     Path(name): Path<String>,
+    Body(body): Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    repository_body(&body)?;
     explicit(&s, "loading a model")?;
     let versions = lifecycle::load(&s, &s.load_options, &name).await?;
     let all: Vec<String> = versions.iter().map(u64::to_string).collect();
@@ -705,7 +740,9 @@ pub(super) async fn repository_load(
 pub(super) async fn repository_unload(
     State(s): St,
     Path(name): Path<String>,
+    Body(body): Body,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    repository_body(&body)?;
     explicit(&s, "unloading a model")?;
     lifecycle::unload(&s, &name)?;
     Ok(Json(json!({"name": name, "state": "UNAVAILABLE"})))

@@ -97,7 +97,8 @@ impl<'de> Visitor<'de> for Element<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
         if self.depth >= MAX_ROW_DEPTH {
             return Err(de::Error::custom(format!(
-                "arrays nested deeper than {MAX_ROW_DEPTH} levels"
+                "a row has arrays nested deeper than [C][H][W] ({} levels)",
+                MAX_ROW_DEPTH - 1
             )));
         }
         let mut first: Option<Shape> = None;
@@ -145,6 +146,61 @@ impl<'de> Deserialize<'de> for Rows {
     }
 }
 
+/// A JSON Schema `integer`: `3` or `3.0` (JSON does not tell them apart, and clients in
+/// languages with one number type send either), never `3.5`; out of `T`'s range is refused
+/// with the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Whole<T>(pub T);
+
+impl<'de, T: TryFrom<i128>> Deserialize<'de> for Whole<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Whole<T>, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = i128;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a whole number")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<i128, E> {
+                Ok(v.into())
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<i128, E> {
+                Ok(v.into())
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<i128, E> {
+                if v.fract() == 0.0 && v.abs() < 1e38 {
+                    Ok(v as i128)
+                } else {
+                    Err(E::invalid_type(de::Unexpected::Float(v), &self))
+                }
+            }
+        }
+        let v = d.deserialize_any(V)?;
+        T::try_from(v).map(Whole).map_err(|_| {
+            de::Error::custom(format!(
+                "{v} is out of range (a whole number that fits {})",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+}
+
+/// `#[serde(deserialize_with)]` for an integer field (see [`Whole`]).
+pub fn whole<'de, D: Deserializer<'de>, T: TryFrom<i128>>(d: D) -> Result<T, D::Error> {
+    Whole::deserialize(d).map(|Whole(v)| v)
+}
+
+/// `#[serde(default, deserialize_with)]` for an optional integer field (`null`: absent).
+pub fn optional_whole<'de, D: Deserializer<'de>, T: TryFrom<i128>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    Option::<Whole<T>>::deserialize(d).map(|o| o.map(|Whole(v)| v))
+}
+
+/// `#[serde(deserialize_with)]` for an array of integers (see [`Whole`]).
+pub fn whole_list<'de, D: Deserializer<'de>, T: TryFrom<i128>>(d: D) -> Result<Vec<T>, D::Error> {
+    Vec::<Whole<T>>::deserialize(d).map(|v| v.into_iter().map(|Whole(x)| x).collect())
+}
+
 /// `/log_prob` and `/encode`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,10 +232,12 @@ pub struct SampleRequest {
     /// Model name.
     pub model: Option<String>,
     /// How many samples.
+    #[serde(deserialize_with = "whole")]
     pub num_samples: i64,
     /// Standard deviation multiplier of the base distribution (default 1).
     pub temperature: Option<f64>,
     /// Seed of the latent noise (default: fresh entropy, returned).
+    #[serde(default, deserialize_with = "optional_whole")]
     pub seed: Option<u64>,
     /// `json` (the samples as numbers, default) or `png` (image models: a picture of the
     /// samples in a grid, base64 in JSON, or the PNG itself with `Accept: image/png`).
@@ -322,6 +380,7 @@ pub struct ScoreRequest {
     /// Include per-feature terms when the model has them (default true).
     pub contributions: Option<bool>,
     /// Only the `top` most surprising features per row (default: all).
+    #[serde(default, deserialize_with = "optional_whole")]
     pub top: Option<usize>,
 }
 
