@@ -8,7 +8,7 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
 CARGO ?= cargo
 FLOWTRAIN := target/release/flowtrain
 
-.PHONY: all ort ort-gpu serve-gpu data build serve test test-venv lint unit image-check image-check-gpu models bench clean
+.PHONY: all ort ort-gpu serve-gpu data build serve test test-venv lint unit fuzz soak image-check image-check-gpu models bench clean
 
 all: build
 
@@ -79,6 +79,16 @@ unit: ort test-venv
 	else \
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
+
+## Longer runs of the fuzzing `make test` runs briefly: the request parsers' properties over
+## FUZZ_CASES cases each (src/api/fuzz.rs), and schemathesis over openapi.yaml with
+## CONTRACT_EXAMPLES examples per operation and another seed (tests/openapi.rs).
+FUZZ_CASES ?= 200000
+CONTRACT_EXAMPLES ?= 300
+CONTRACT_SEED ?= 2
+fuzz: ort test-venv
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p flowserve --lib api::fuzz
+	CONTRACT_EXAMPLES=$(CONTRACT_EXAMPLES) CONTRACT_SEED=$(CONTRACT_SEED) $(CARGO) test --release -p flowserve --test openapi -- --nocapture the_contract_holds
 
 ## Rebuild the bundled packages in models/ from fixed seeds.
 models: ort

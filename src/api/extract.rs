@@ -68,7 +68,7 @@ impl FromRequest<Arc<AppState>> for Body {
 }
 
 /// 415 unless the content type is JSON.
-fn check_json_type(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn check_json_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -124,6 +124,21 @@ pub(super) fn explain<T: DeserializeOwned>(bytes: &[u8]) -> ApiError {
     }
 }
 
+/// The header a client shortens its deadline with.
+pub(super) const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
+
+/// The milliseconds `x-request-timeout-ms` asks for (400 unless a whole number).
+pub(super) fn timeout_ms(v: &axum::http::HeaderValue) -> Result<u64, ApiError> {
+    v.to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError::Malformed(
+                "x-request-timeout-ms must be a whole number of milliseconds".into(),
+            )
+        })
+}
+
 /// When the request must be answered: `--request-timeout-ms` from now, or sooner if the
 /// client's `x-request-timeout-ms` header asks.
 pub struct Deadline(pub Instant);
@@ -136,17 +151,8 @@ impl FromRequestParts<Arc<AppState>> for Deadline {
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
         let mut ms = state.config.request_timeout_ms;
-        if let Some(v) = parts.headers.get("x-request-timeout-ms") {
-            let asked = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::Malformed(
-                        "x-request-timeout-ms must be a whole number of milliseconds".into(),
-                    )
-                })?;
-            ms = ms.min(asked);
+        if let Some(v) = parts.headers.get(TIMEOUT_HEADER) {
+            ms = ms.min(timeout_ms(v)?);
         }
         Ok(Deadline(Instant::now() + Duration::from_millis(ms)))
     }

@@ -6,6 +6,8 @@ pub(crate) mod call;
 mod context;
 mod error;
 mod extract;
+#[cfg(test)]
+mod fuzz;
 pub(crate) mod handlers;
 pub(crate) mod record;
 pub mod tensor;

@@ -368,7 +368,7 @@ fn from_numbers(n: &[Number], t: DataType) -> Result<Data, String> {
             n.iter()
                 .map(|x| {
                     let v = float(x)?;
-                    if v.is_finite() && v.abs() > f32::MAX as f64 {
+                    if v.is_finite() && !(v as f32).is_finite() {
                         return Err(format!("{v} is outside the float32 range"));
                     }
                     Ok(v as f32)

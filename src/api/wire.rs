@@ -81,7 +81,9 @@ impl<'de> Visitor<'de> for Element<'_> {
         if self.depth == 0 {
             return Err(E::invalid_type(de::Unexpected::Float(v), &self));
         }
-        if !v.is_finite() || v.abs() > f32::MAX as f64 {
+        // Whether it rounds to a finite float32: f32::MAX as printed by a shortest-round-trip
+        // printer may parse a hair above it.
+        if !(v as f32).is_finite() {
             return Err(E::custom(format!("{v} is outside the float32 range")));
         }
         self.out.push(v as f32);
