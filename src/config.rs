@@ -74,6 +74,17 @@ pub struct Config {
     /// Largest request body accepted (413 beyond).
     #[arg(long, env = "FLOWSERVE_MAX_BODY_BYTES", default_value_t = 16 << 20)]
     pub max_body_bytes: usize,
+    /// Most open HTTP connections. A connection past it is answered on the health probes
+    /// only; other requests get 503 with Retry-After and the connection closes.
+    #[arg(long, env = "FLOWSERVE_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// A connection must send a request's headers within this long (slow headers: cut off).
+    #[arg(long, env = "FLOWSERVE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_ms: u64,
+    /// A request's body must arrive within this long (a trickled body: 408, and the
+    /// connection closes).
+    #[arg(long, env = "FLOWSERVE_BODY_READ_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_ms: u64,
     /// Most samples one /sample request may ask for.
     #[arg(
         long,

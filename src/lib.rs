@@ -20,6 +20,7 @@ pub mod engine;
 pub mod grpc;
 pub mod healthcheck;
 pub mod lifecycle;
+pub mod listener;
 pub mod metrics;
 pub mod repository;
 pub mod scoring;
@@ -152,10 +153,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let app = api::router(state.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal(state.clone(), closing))
-        .await
-        .context("server error")?;
+    listener::serve(
+        listener,
+        app,
+        state.clone(),
+        shutdown_signal(state.clone(), closing),
+    )
+    .await;
     if let Some(g) = grpc {
         g.await
             .context("gRPC server task")?

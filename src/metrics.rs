@@ -109,6 +109,12 @@ pub struct Metrics {
     model_info: IntGaugeVec,
     /// Packages refused at load.
     pub model_load_failures: IntCounter,
+    /// Open HTTP connections.
+    pub open_connections: IntGauge,
+    /// Connections past `--max-connections` (answered on the probes only).
+    pub connections_refused: IntCounter,
+    /// Requests whose body did not arrive within `--body-read-timeout-ms` (408).
+    pub body_read_timeouts: IntCounter,
     log_prob: HistogramVec,
     tail_probability: HistogramVec,
 }
@@ -332,6 +338,26 @@ impl Metrics {
                 &r,
                 IntGauge::new("in_flight_requests", "Inference requests being served")
                     .expect("valid gauge"),
+            ),
+            open_connections: reg(
+                &r,
+                IntGauge::new("open_connections", "Open HTTP connections").expect("valid gauge"),
+            ),
+            connections_refused: reg(
+                &r,
+                IntCounter::new(
+                    "connections_refused_total",
+                    "Connections past --max-connections, answered on the health probes only",
+                )
+                .expect("valid counter"),
+            ),
+            body_read_timeouts: reg(
+                &r,
+                IntCounter::new(
+                    "body_read_timeouts_total",
+                    "Requests whose body did not arrive within --body-read-timeout-ms (408)",
+                )
+                .expect("valid counter"),
             ),
             rejections: reg(
                 &r,

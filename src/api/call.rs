@@ -202,6 +202,16 @@ impl Call {
         };
         let queued = model.queue(graph).submit(input, deadline);
         match tokio::time::timeout_at(deadline, queued).await {
+            Ok(Err(BatchError::Engine(why))) => {
+                // Only the batch holding these rows failed; say which model and graph.
+                tracing::warn!(model = %model.name, version = model.version, graph = graph.as_str(), "batch failed: {why}");
+                Err(ApiError::Engine(format!(
+                    "model {:?} (version {}), {} graph: {why}",
+                    model.name,
+                    model.version,
+                    graph.as_str()
+                )))
+            }
             Ok(r) => r.map_err(ApiError::from),
             Err(_) => Err(ApiError::from(BatchError::Timeout)),
         }

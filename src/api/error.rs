@@ -29,6 +29,9 @@ pub enum ApiError {
     /// 415: not JSON.
     #[error("{0}")]
     NotJson(String),
+    /// 408: the body did not arrive within `--body-read-timeout-ms`.
+    #[error("{0}")]
+    BodyTimeout(String),
     /// 409: the request conflicts with how the server runs (a repository change without
     /// `--model-control explicit`).
     #[error("{0}")]
@@ -64,6 +67,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotJson(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -82,6 +86,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::NotJson(_) => "unsupported_media_type",
+            ApiError::BodyTimeout(_) => "request_timeout",
             ApiError::Conflict(_) => "conflict",
             ApiError::Invalid(_) => "invalid_input",
             ApiError::Overloaded { .. } => "overloaded",
@@ -106,6 +111,7 @@ impl ApiError {
             ApiError::NoRoute(_)
             | ApiError::MethodNotAllowed(_)
             | ApiError::Conflict(_)
+            | ApiError::BodyTimeout(_)
             | ApiError::Unavailable(_) => None,
         }
     }
@@ -154,6 +160,11 @@ impl IntoResponse for ApiError {
             },
         };
         let mut r = (self.status(), axum::Json(body)).into_response();
+        if matches!(self, ApiError::BodyTimeout(_)) {
+            // The rest of the body is never read: the connection cannot carry another request.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(s) = self.retry_after() {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));

@@ -56,8 +56,16 @@ impl FromRequest<Arc<AppState>> for Body {
                 "the body has {len} bytes; the limit is {limit}"
             )));
         }
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
+        let wait = Duration::from_millis(state.config.body_read_timeout_ms);
+        let bytes = tokio::time::timeout(wait, axum::body::to_bytes(req.into_body(), limit))
             .await
+            .map_err(|_| {
+                state.metrics.body_read_timeouts.inc();
+                ApiError::BodyTimeout(format!(
+                    "the body did not arrive within {} ms (--body-read-timeout-ms)",
+                    wait.as_millis()
+                ))
+            })?
             .map_err(|_| {
                 ApiError::TooLarge(format!(
                     "the body is larger than the limit of {limit} bytes"

@@ -260,3 +260,121 @@ pub fn get_routes() -> std::collections::BTreeSet<String> {
         .map(|(_, p, _)| p.to_string())
         .collect()
 }
+
+/// Writes `repo/<name>/1`: the bundled `moons` package with a trap in its encode graph. A
+/// batch holding a row whose first value is `marker` makes ONNX Runtime fail at run time
+/// (the graph reshapes x to a width that only the marker produces); every other batch runs
+/// exactly as moons. The fault tests inject engine errors with it.
+pub fn trapped_moons(repo: &Path, name: &str, marker: f32) {
+    use flowpack::onnx::{
+        attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto, TensorProto,
+    };
+    use prost::Message;
+    let dir = repo.join(name).join("1");
+    copy_dir(&bundled_models().join("moons/1"), &dir);
+    let bytes = std::fs::read(dir.join("encode.onnx")).unwrap();
+    let mut model = ModelProto::decode(bytes.as_slice()).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    // Everything that read x now reads the trapped x.
+    for node in &mut graph.node {
+        for input in &mut node.input {
+            if input == "x" {
+                *input = "x_trapped".into();
+            }
+        }
+    }
+    let int64 = |n: &str, v: Vec<i64>| TensorProto {
+        name: Some(n.into()),
+        dims: vec![v.len() as i64],
+        data_type: Some(flowpack::onnx::INT64),
+        int64_data: v,
+        ..Default::default()
+    };
+    graph.initializer.push(TensorProto {
+        name: Some("trap_marker".into()),
+        dims: vec![],
+        data_type: Some(flowpack::onnx::FLOAT),
+        float_data: vec![marker],
+        ..Default::default()
+    });
+    graph.initializer.push(int64("trap_width", vec![2]));
+    graph.initializer.push(int64("trap_step", vec![5]));
+    graph.initializer.push(int64("trap_one", vec![1]));
+    graph.initializer.push(int64("trap_rows", vec![-1]));
+    let node = |op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>| NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        name: Some(format!("trap_{output}")),
+        op_type: Some(op.into()),
+        attribute: attrs,
+        ..Default::default()
+    };
+    let int_attr = |n: &str, i: i64| AttributeProto {
+        name: Some(n.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(i),
+        ..Default::default()
+    };
+    let trap = vec![
+        node("Equal", &["x", "trap_marker"], "trap_hit", vec![]),
+        node(
+            "Cast",
+            &["trap_hit"],
+            "trap_hit_i",
+            vec![int_attr("to", flowpack::onnx::INT64 as i64)],
+        ),
+        node(
+            "ReduceMax",
+            &["trap_hit_i"],
+            "trap_any",
+            vec![int_attr("keepdims", 0)],
+        ),
+        node("Reshape", &["trap_any", "trap_one"], "trap_any1", vec![]),
+        node("Mul", &["trap_any1", "trap_step"], "trap_extra", vec![]),
+        node("Add", &["trap_width", "trap_extra"], "trap_cols", vec![]),
+        node(
+            "Concat",
+            &["trap_rows", "trap_cols"],
+            "trap_shape",
+            vec![int_attr("axis", 0)],
+        ),
+        node("Reshape", &["x", "trap_shape"], "x_trapped", vec![]),
+    ];
+    graph.node.splice(0..0, trap);
+    let out = model.encode_to_vec();
+    std::fs::write(dir.join("encode.onnx"), &out).unwrap();
+    let path = dir.join("flow.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    manifest["name"] = serde_json::json!(name);
+    manifest["graphs"]["encode"]["sha256"] = serde_json::json!(flowpack::sha256_hex(&out));
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+}
+
+/// One HTTP/1.1 exchange on a fresh connection, written by hand (`Connection: close`):
+/// status, lower-cased headers and body. For tests that must control the socket.
+pub fn raw_http(port: u16, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_ascii_lowercase(), rest.to_string())
+}
+
+/// The port of a server's base URL.
+pub fn port_of(server: &Server) -> u16 {
+    server.base.rsplit(':').next().unwrap().parse().unwrap()
+}
