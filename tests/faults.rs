@@ -99,6 +99,7 @@ async fn an_engine_error_fails_only_its_batch_and_the_next_batch_serves() {
         }
     }
     assert_eq!((failed, served), (6, 60));
+    eprintln!("faults: engine error on 6 marked batches: 6 requests failed (500 naming the model), 60 concurrent requests served exactly");
 
     // The next batch serves, and the metrics count the failures once each.
     let (s, b) = server
@@ -210,7 +211,7 @@ async fn a_failed_batch_fails_the_requests_in_it_and_nothing_else() {
             )
             .await;
         assert_eq!(s, 200, "round {round}: {b}");
-        eprintln!("round {round}: the marked batch held {shared} of the 12 encode requests; the 24 others were served");
+        eprintln!("faults: round {round}: the marked batch held {shared} of the 12 encode requests; the 24 others were served");
     }
 }
 
@@ -296,11 +297,12 @@ async fn a_trickled_body_or_trickled_headers_are_cut_off_without_holding_the_ser
     );
     assert!(took < Duration::from_millis(2500), "cut off after {took:?}");
 
-    let (_, took) = slow_headers.join().unwrap();
+    let (_, took_headers) = slow_headers.join().unwrap();
     assert!(
-        took < Duration::from_millis(2500),
-        "slow headers held {took:?}"
+        took_headers < Duration::from_millis(2500),
+        "slow headers held {took_headers:?}"
     );
+    eprintln!("faults: trickled body answered 408 after {took:.1?}, trickled headers cut off after {took_headers:.1?} (limits 700 ms); 40 requests served meanwhile on one async worker");
 
     let metrics = server.metrics().await;
     assert!(
@@ -377,4 +379,5 @@ async fn a_connection_flood_is_refused_cleanly_and_the_probes_still_answer() {
         .unwrap();
     // 56 of the flood, and the 4 probes above.
     assert!(refused >= 60.0, "{refused}");
+    eprintln!("faults: 64 idle connections against --max-connections 8: {refused} past the limit, inference refused 503 with Retry-After, /healthz, /readyz and /v2/health/ready answered 200, served again once the flood left");
 }

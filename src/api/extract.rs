@@ -66,10 +66,16 @@ impl FromRequest<Arc<AppState>> for Body {
                     wait.as_millis()
                 ))
             })?
-            .map_err(|_| {
-                ApiError::TooLarge(format!(
-                    "the body is larger than the limit of {limit} bytes"
-                ))
+            .map_err(|e| {
+                let e = e.into_inner();
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ApiError::TooLarge(format!(
+                        "the body is larger than the limit of {limit} bytes"
+                    ))
+                } else {
+                    // The client went away (or broke the framing) mid-body.
+                    ApiError::Malformed(format!("the body could not be read whole: {e}"))
+                }
             })?;
         Ok(Body(bytes))
     }
