@@ -8,7 +8,7 @@ export ORT_DYLIB_PATH ?= $(ORT_LIB)
 CARGO ?= cargo
 FLOWTRAIN := target/release/flowtrain
 
-.PHONY: all ort ort-gpu serve-gpu data build serve test test-venv lint unit fuzz soak image-check image-check-gpu models bench clean
+.PHONY: all ort ort-gpu serve-gpu data build serve test test-venv lint unit fuzz soak reliability image-check image-check-gpu models bench clean
 
 all: build
 
@@ -90,6 +90,18 @@ fuzz: ort test-venv
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release -p flowserve --lib api::fuzz
 	CONTRACT_EXAMPLES=$(CONTRACT_EXAMPLES) CONTRACT_SEED=$(CONTRACT_SEED) $(CARGO) test --release -p flowserve --test openapi -- --nocapture the_contract_holds
 
+## The soak test for SOAK_SECONDS (`make test` runs 15 s of it): mixed valid, invalid and
+## abandoned requests on every model and endpoint, every answer checked, RSS bounded, the
+## metrics adding up (tests/soak.rs).
+SOAK_SECONDS ?= 180
+soak: ort
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) nextest run --release -p flowserve --test soak --no-capture
+
+## The longer fuzzing and soak, and the fault tests, reported in BENCHMARKS.md's
+## "Reliability" section (also part of `make bench`).
+reliability: ort test-venv
+	scripts/reliability.sh BENCHMARKS.md
+
 ## Rebuild the bundled packages in models/ from fixed seeds.
 models: ort
 	scripts/fetch-data.sh .data shuttle
@@ -99,7 +111,7 @@ models: ort
 ## Training and serving benchmarks; results go to BENCHMARKS.md. BASELINE=path/to/flowserve
 ## also runs the serving scenarios (a) and (b) against another build, alternating, for a
 ## before/after comparison in one run.
-bench: ort data
+bench: ort data test-venv
 	$(CARGO) build --release -p flowtrain -p flowserve
 	scripts/bench-train.sh $(FLOWTRAIN) BENCHMARKS.md
 	$(CARGO) bench --bench serve -- --seconds 5 --rounds 3 --out BENCHMARKS.md $(if $(BASELINE),--baseline $(BASELINE))
@@ -109,6 +121,7 @@ bench: ort data
 	$(CARGO) bench --bench oip -- --seconds 3 --rounds 3 --out BENCHMARKS.md
 	scripts/bench-anomaly.sh $(FLOWTRAIN) target/release/flowserve BENCHMARKS.md
 	scripts/bench-zuko.sh $(FLOWTRAIN) BENCHMARKS.md
+	scripts/reliability.sh BENCHMARKS.md
 
 clean:
 	$(CARGO) clean
