@@ -79,7 +79,9 @@ pub struct Config {
     #[arg(long, env = "FLOWSERVE_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_connections: u64,
     /// A connection must send a request's headers within this long (slow headers: cut off).
-    #[arg(long, env = "FLOWSERVE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// The clock also runs while a keep-alive connection waits for its next request, so this
+    /// is its idle timeout as well.
+    #[arg(long, env = "FLOWSERVE_HEADER_READ_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout_ms: u64,
     /// A request's body must arrive within this long (a trickled body: 408, and the
     /// connection closes).

@@ -1,6 +1,7 @@
 //! The HTTP listener: accepts connections and serves each with hyper, bounded so that no
 //! client can hold the server. A connection must send its request headers within
-//! `--header-read-timeout-ms` (slow headers are cut off by hyper); a request body must
+//! `--header-read-timeout-ms` (slow headers are cut off by hyper, and an idle keep-alive
+//! connection is closed after as long); a request body must
 //! arrive within `--body-read-timeout-ms` (408, in [`crate::api`]'s body extractor). Past
 //! `--max-connections` open connections, a new one is still accepted but answers only the
 //! health probes; everything else gets a 503 with `Retry-After` and the connection closes,
