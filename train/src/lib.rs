@@ -12,6 +12,7 @@ pub mod bijectors;
 pub mod checkpoint;
 pub mod config;
 pub mod context;
+pub mod conv;
 pub mod data;
 pub mod eval;
 pub mod export;

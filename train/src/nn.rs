@@ -152,7 +152,8 @@ impl Net {
             let (w, b) = (w.as_tensor(), b.as_tensor());
             h = match op {
                 Op::Dense => h.matmul(w)?.broadcast_add(b)?,
-                Op::Conv(k) => conv_same(&h, w, *k)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+                Op::Conv(k) => crate::conv::conv_same(&h, w, *k)?
+                    .broadcast_add(&b.reshape((1, (), 1, 1))?)?,
             };
             if i + 1 < self.layers.len() {
                 h = self.activation.apply(&h)?;
@@ -207,40 +208,6 @@ fn init(
         p.uniform("weight", shape, bound)?,
         p.uniform("bias", outputs, bound)?,
     ))
-}
-
-/// A stride-1 "same" convolution of `x[N, C, H, W]` with `w[O, C, k, k]` (k odd) as im2col +
-/// one batched matmul. candle's own conv2d backward (a naive transposed convolution) was
-/// ~10× slower than this on the small images here; narrow, stack and matmul differentiate fast.
-pub fn conv_same(x: &Tensor, w: &Tensor, k: usize) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let o = w.dim(0)?;
-    if k == 1 {
-        return channel_matmul(&w.reshape((o, c))?, &x.reshape((n, c, h * wd))?)?
-            .reshape((n, o, h, wd));
-    }
-    let pad = k / 2;
-    let (hp, wp) = (h + 2 * pad, wd + 2 * pad);
-    let xp = x
-        .pad_with_zeros(2, pad, pad)?
-        .pad_with_zeros(3, pad, pad)?
-        .reshape((n * c, hp * wp))?;
-    // One gather (its gradient is one index-add): column dy·k + dx of output pixel (y, x)
-    // reads padded pixel (y + dy, x + dx).
-    let mut idx = Vec::with_capacity(k * k * h * wd);
-    for dy in 0..k {
-        for dx in 0..k {
-            for y in 0..h {
-                for xx in 0..wd {
-                    idx.push(((y + dy) * wp + xx + dx) as u32);
-                }
-            }
-        }
-    }
-    let idx = Tensor::from_vec(idx, k * k * h * wd, x.device())?;
-    // Column c·k² + dy·k + dx matches the kernel layout [O, C, k, k].
-    let cols = xp.index_select(&idx, 1)?.reshape((n, c * k * k, h * wd))?;
-    channel_matmul(&w.reshape((o, c * k * k))?, &cols)?.reshape((n, o, h, wd))
 }
 
 /// `m[O, K] · x[n]` for every example: `x[N, K, S] → [N, O, S]`, as one 2-D matmul over

@@ -1,0 +1,267 @@
+//! The image couplings' convolution (flowtrain::conv): its custom CPU op against a direct
+//! convolution written out here, its gradients against finite differences and against the
+//! autodiff of the same convolution built from candle ops, and the same answer on any number
+//! of threads.
+
+use candle_core::{DType, Device, Tensor, Var};
+use flowtrain::conv::{conv_same, conv_same_candle};
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// y[n, o, i, j] = Σ_c Σ_dy Σ_dx w[o, c, dy, dx] · x[n, c, i + dy − p, j + dx − p].
+fn direct(
+    x: &[f32],
+    w: &[f32],
+    (n, c, h, wd): (usize, usize, usize, usize),
+    o: usize,
+    k: usize,
+) -> Vec<f32> {
+    let p = (k / 2) as isize;
+    let mut y = vec![0f32; n * o * h * wd];
+    for e in 0..n {
+        for oo in 0..o {
+            for i in 0..h as isize {
+                for j in 0..wd as isize {
+                    let mut acc = 0f64;
+                    for cc in 0..c {
+                        for dy in 0..k as isize {
+                            for dx in 0..k as isize {
+                                let (si, sj) = (i + dy - p, j + dx - p);
+                                if si < 0 || sj < 0 || si >= h as isize || sj >= wd as isize {
+                                    continue;
+                                }
+                                let xv = x[((e * c + cc) * h + si as usize) * wd + sj as usize];
+                                let wv = w[((oo * c + cc) * k + dy as usize) * k + dx as usize];
+                                acc += f64::from(xv) * f64::from(wv);
+                            }
+                        }
+                    }
+                    y[((e * o + oo) * h + i as usize) * wd + j as usize] = acc as f32;
+                }
+            }
+        }
+    }
+    y
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The shapes the tests use: Glow's 3×3 and 1×1 layers, a non-square image, a 5×5 kernel,
+/// more output channels than inputs and fewer.
+/// (x's shape [N, C, H, W], output channels, kernel size).
+type Case = ((usize, usize, usize, usize), usize, usize);
+
+const CASES: [Case; 5] = [
+    ((3, 4, 4, 4), 8, 3),
+    ((2, 8, 2, 2), 6, 3),
+    ((3, 2, 5, 3), 4, 3),
+    ((2, 3, 6, 5), 2, 5),
+    ((4, 6, 3, 4), 5, 1),
+];
+
+#[test]
+fn the_custom_op_equals_a_direct_convolution() {
+    let dev = Device::Cpu;
+    for (i, &(shape, o, k)) in CASES.iter().enumerate() {
+        let (n, c, h, wd) = shape;
+        let xv = values(n * c * h * wd, 1 + i as u64);
+        let wv = values(o * c * k * k, 100 + i as u64);
+        let x = Tensor::from_vec(xv.clone(), shape, &dev).unwrap();
+        let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
+        let got: Vec<f32> = conv_same(&x, &w, k)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want = direct(&xv, &wv, shape, o, k);
+        assert!(
+            max_diff(&got, &want) < 1e-5,
+            "case {i}: {}",
+            max_diff(&got, &want)
+        );
+        // A non-contiguous input (a transposed view) gives the same.
+        let xt = x
+            .transpose(2, 3)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        let again: Vec<f32> = conv_same(&xt, &w, k)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got, again, "case {i}: strided input");
+    }
+}
+
+/// The loss Σ y ⊙ r for a fixed random r, and its gradients, through `conv`.
+fn loss_and_grads(
+    conv: fn(&Tensor, &Tensor, usize) -> candle_core::Result<Tensor>,
+    xv: &[f32],
+    wv: &[f32],
+    shape: (usize, usize, usize, usize),
+    o: usize,
+    k: usize,
+) -> (f32, Vec<f32>, Vec<f32>) {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::from_vec(xv.to_vec(), shape, &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::from_vec(wv.to_vec(), (o, shape.1, k, k), &dev).unwrap())
+        .unwrap();
+    let y = conv(x.as_tensor(), w.as_tensor(), k).unwrap();
+    let r = Tensor::from_vec(values(y.elem_count(), 7), y.shape(), &dev).unwrap();
+    let loss = (y * r).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let flat = |v: &Var| -> Vec<f32> {
+        grads
+            .get(v)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    (loss.to_scalar().unwrap(), flat(&x), flat(&w))
+}
+
+#[test]
+fn gradients_match_finite_differences_and_the_candle_autodiff() {
+    for (i, &(shape, o, k)) in CASES.iter().enumerate() {
+        let (n, c, h, wd) = shape;
+        let xv = values(n * c * h * wd, 11 + i as u64);
+        let wv = values(o * c * k * k, 200 + i as u64);
+        let (_, dx, dw) = loss_and_grads(conv_same, &xv, &wv, shape, o, k);
+        // Against candle's autodiff of the gather-and-matmul convolution: every element.
+        let (_, dx_ref, dw_ref) = loss_and_grads(conv_same_candle, &xv, &wv, shape, o, k);
+        assert!(
+            max_diff(&dx, &dx_ref) < 1e-4,
+            "case {i}: dx {}",
+            max_diff(&dx, &dx_ref)
+        );
+        assert!(
+            max_diff(&dw, &dw_ref) < 1e-4,
+            "case {i}: dw {}",
+            max_diff(&dw, &dw_ref)
+        );
+        // Against central differences of the loss, computed in f64 by the direct convolution.
+        let r = values(n * o * h * wd, 7);
+        let loss = |x: &[f32], w: &[f32]| -> f64 {
+            direct(x, w, shape, o, k)
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum()
+        };
+        let eps = 1e-2f32;
+        for j in (0..xv.len()).step_by(7) {
+            let (mut up, mut down) = (xv.clone(), xv.clone());
+            up[j] += eps;
+            down[j] -= eps;
+            let fd = (loss(&up, &wv) - loss(&down, &wv)) / (2.0 * f64::from(eps));
+            assert!(
+                (fd - f64::from(dx[j])).abs() < 2e-3 * (1.0 + fd.abs()),
+                "case {i}: dx[{j}] {} vs {fd}",
+                dx[j]
+            );
+        }
+        for j in (0..wv.len()).step_by(3) {
+            let (mut up, mut down) = (wv.clone(), wv.clone());
+            up[j] += eps;
+            down[j] -= eps;
+            let fd = (loss(&xv, &up) - loss(&xv, &down)) / (2.0 * f64::from(eps));
+            assert!(
+                (fd - f64::from(dw[j])).abs() < 2e-3 * (1.0 + fd.abs()),
+                "case {i}: dw[{j}] {} vs {fd}",
+                dw[j]
+            );
+        }
+        // Non-zero gradients everywhere that matters: the test could not pass on zeros.
+        assert!(
+            dx.iter().filter(|v| v.abs() > 1e-3).count() > dx.len() / 2,
+            "case {i}"
+        );
+        assert!(
+            dw.iter().filter(|v| v.abs() > 1e-3).count() > dw.len() / 2,
+            "case {i}"
+        );
+    }
+}
+
+#[test]
+fn float64_takes_the_candle_path_with_the_same_result() {
+    let dev = Device::Cpu;
+    let ((n, c, h, wd), o, k) = CASES[0];
+    let xv = values(n * c * h * wd, 3);
+    let wv = values(o * c * k * k, 4);
+    let x = Tensor::from_vec(xv.clone(), (n, c, h, wd), &dev).unwrap();
+    let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
+    let y32: Vec<f32> = conv_same(&x, &w, k)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let y64: Vec<f32> = conv_same(
+        &x.to_dtype(DType::F64).unwrap(),
+        &w.to_dtype(DType::F64).unwrap(),
+        k,
+    )
+    .unwrap()
+    .to_dtype(DType::F32)
+    .unwrap()
+    .flatten_all()
+    .unwrap()
+    .to_vec1()
+    .unwrap();
+    assert!(max_diff(&y32, &y64) < 1e-5);
+}
+
+#[test]
+fn any_number_of_threads_gives_the_same_answer() {
+    // candle reads RAYON_NUM_THREADS at every call; this test has its own process (nextest).
+    let ((n, c, h, wd), o, k) = ((7, 4, 4, 4), 8, 3);
+    let xv = values(n * c * h * wd, 5);
+    let wv = values(o * c * k * k, 6);
+    let run = |threads: &str| {
+        std::env::set_var("RAYON_NUM_THREADS", threads);
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(xv.clone(), (n, c, h, wd), &dev).unwrap();
+        let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
+        let y: Vec<f32> = conv_same(&x, &w, k)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (_, dx, dw) = loss_and_grads(conv_same, &xv, &wv, (n, c, h, wd), o, k);
+        (y, dx, dw)
+    };
+    let one = run("1");
+    for threads in ["2", "3", "16"] {
+        let many = run(threads);
+        assert_eq!(one.0, many.0, "{threads} threads: forward");
+        assert_eq!(one.1, many.1, "{threads} threads: dx");
+        // dW adds per-thread partial sums: the order of the additions differs.
+        assert!(max_diff(&one.2, &many.2) < 1e-5, "{threads} threads: dw");
+    }
+}
