@@ -1,6 +1,6 @@
 //! The stride-1 "same" convolution that image couplings train with, as one candle custom op
-//! on the CPU: each example's im2col columns are written straight from the input (padding
-//! read as zeros, no padded copy, no index tensor) and multiplied by the weight with one
+//! on the CPU: each example's im2col columns are gathered through one index table per call
+//! (padding read as a zero kept past the example) and multiplied by the weight with one
 //! direct GEMM call; the backward pass is two more ops (dW = Σ dY·colsᵀ, dX = col2im(Wᵀ·dY)).
 //! Examples are split over the threads candle is given, each with its own column buffer.
 //!
@@ -101,79 +101,80 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     }
 }
 
-/// Example `x[C, H, W]`'s columns: the example itself for k = 1, else written into `buf`.
-fn columns<'a>(x: &'a [f32], d: Dims, buf: &'a mut [f32]) -> &'a [f32] {
-    if d.k == 1 {
-        return x;
-    }
-    im2col(x, d, buf);
-    buf
-}
-
-/// Writes example `x[C, H, W]`'s columns: `cols[(c·k + dy)·k + dx][y·W + x]` is
-/// `x[c][y + dy − k/2][x + dx − k/2]`, or 0 outside the image.
-fn im2col(x: &[f32], d: Dims, cols: &mut [f32]) {
-    let (h, w, k, p) = (d.h as isize, d.w as isize, d.k, (d.k / 2) as isize);
-    let mut row = 0;
+/// For each entry of an example's columns (row `(c·k + dy)·k + dx`, pixel `y·W + x`), the
+/// index of the input value it reads, `x[c][y + dy − k/2][x + dx − k/2]` in `[C·H·W]`, or
+/// `C·H·W` outside the image: a zero kept one past the example's values. Built once per call
+/// and shared by every example (the images are small, so the table is: 36·16 entries for a
+/// 3×3 layer on 4 channels of 4×4).
+fn gather_table(d: Dims) -> Vec<u32> {
+    let (h, w, k, p) = (d.h as isize, d.w as isize, d.k as isize, (d.k / 2) as isize);
+    let outside = (d.c * d.hw()) as u32;
+    let mut table = Vec::with_capacity(d.ckk() * d.hw());
     for c in 0..d.c {
-        let plane = &x[c * d.hw()..(c + 1) * d.hw()];
-        for dy in 0..k as isize {
-            for dx in 0..k as isize {
-                let out = &mut cols[row * d.hw()..(row + 1) * d.hw()];
+        for dy in 0..k {
+            for dx in 0..k {
                 for y in 0..h {
-                    let sy = y + dy - p;
-                    let dst = &mut out[(y * w) as usize..((y + 1) * w) as usize];
-                    if sy < 0 || sy >= h {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[(sy * w) as usize..((sy + 1) * w) as usize];
-                    // Columns x whose source x + dx − p lies inside the row.
-                    let lo = (p - dx).clamp(0, w) as usize;
-                    let hi = (w + p - dx).clamp(0, w) as usize;
-                    dst[..lo].fill(0.0);
-                    dst[hi..].fill(0.0);
-                    if lo < hi {
-                        let s0 = (lo as isize + dx - p) as usize;
-                        dst[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
+                    for x in 0..w {
+                        let (sy, sx) = (y + dy - p, x + dx - p);
+                        table.push(if sy < 0 || sx < 0 || sy >= h || sx >= w {
+                            outside
+                        } else {
+                            (c * d.hw()) as u32 + (sy * w + sx) as u32
+                        });
                     }
                 }
-                row += 1;
             }
         }
     }
+    table
 }
 
-/// Adds columns back into an example's gradient `dx[C, H, W]` (im2col's adjoint).
-fn col2im(cols: &[f32], d: Dims, dx: &mut [f32]) {
-    let (h, w, k, p) = (d.h as isize, d.w as isize, d.k, (d.k / 2) as isize);
-    let mut row = 0;
-    for c in 0..d.c {
-        let plane = &mut dx[c * d.hw()..(c + 1) * d.hw()];
-        for dy in 0..k as isize {
-            for dxo in 0..k as isize {
-                let col = &cols[row * d.hw()..(row + 1) * d.hw()];
-                for y in 0..h {
-                    let sy = y + dy - p;
-                    if sy < 0 || sy >= h {
-                        continue;
-                    }
-                    let lo = (p - dxo).clamp(0, w) as usize;
-                    let hi = (w + p - dxo).clamp(0, w) as usize;
-                    if lo >= hi {
-                        continue;
-                    }
-                    let s0 = (lo as isize + dxo - p) as usize;
-                    let dst =
-                        &mut plane[(sy * w) as usize + s0..(sy * w) as usize + s0 + (hi - lo)];
-                    let src = &col[(y * w) as usize + lo..(y * w) as usize + hi];
-                    for (a, b) in dst.iter_mut().zip(src) {
-                        *a += b;
-                    }
-                }
-                row += 1;
-            }
+/// An example's columns, and the buffers that make them: for k = 1 the example itself;
+/// otherwise gathered through the table from a copy of the example with a zero after it.
+struct Columns {
+    table: Vec<u32>,
+    padded: Vec<f32>,
+    cols: Vec<f32>,
+}
+
+impl Columns {
+    fn new(d: Dims) -> Columns {
+        if d.k == 1 {
+            return Columns {
+                table: vec![],
+                padded: vec![],
+                cols: vec![],
+            };
         }
+        Columns {
+            table: gather_table(d),
+            padded: vec![0.0; d.c * d.hw() + 1],
+            cols: vec![0.0; d.ckk() * d.hw()],
+        }
+    }
+
+    /// The columns `[C·k·k, H·W]` of example `x[C·H·W]`.
+    fn of<'a>(&'a mut self, x: &'a [f32]) -> &'a [f32] {
+        if self.table.is_empty() {
+            return x;
+        }
+        let n = x.len();
+        self.padded[..n].copy_from_slice(x);
+        for (c, &i) in self.cols.iter_mut().zip(&self.table) {
+            *c = self.padded[i as usize];
+        }
+        &self.cols
+    }
+
+    /// Adds the columns' gradient `g[C·k·k, H·W]` back into an example's `dx[C·H·W]`
+    /// (the gather's adjoint: a scatter-add through the same table).
+    fn add_back(&mut self, g: &[f32], dx: &mut [f32]) {
+        self.padded.fill(0.0);
+        for (&v, &i) in g.iter().zip(&self.table) {
+            self.padded[i as usize] += v;
+        }
+        let n = dx.len();
+        dx.copy_from_slice(&self.padded[..n]);
     }
 }
 
@@ -265,10 +266,10 @@ impl CustomOp2 for ConvSame {
         let (hw, ckk, o) = (d.hw(), d.ckk(), d.o);
         let mut y = vec![0f32; d.n * o * hw];
         over_batch(d.n, o * hw, &mut y, |first, count, out| {
-            let mut buf = vec![0f32; if d.k == 1 { 0 } else { ckk * hw }];
+            let mut columns = Columns::new(d);
             for i in 0..count {
                 let e = first + i;
-                let cols = columns(&x[e * d.c * hw..(e + 1) * d.c * hw], d, &mut buf);
+                let cols = columns.of(&x[e * d.c * hw..(e + 1) * d.c * hw]);
                 let dst = &mut out[i * o * hw..(i + 1) * o * hw];
                 gemm(
                     (o, hw, ckk),
@@ -334,6 +335,7 @@ impl CustomOp2 for ConvSameInput {
         let (hw, ckk, o, c) = (d.hw(), d.ckk(), d.o, d.c);
         let mut dx = vec![0f32; d.n * c * hw];
         over_batch(d.n, c * hw, &mut dx, |first, count, out| {
+            let mut columns = Columns::new(d);
             let mut cols = vec![0f32; if d.k == 1 { 0 } else { ckk * hw }];
             for i in 0..count {
                 let e = first + i;
@@ -354,7 +356,7 @@ impl CustomOp2 for ConvSameInput {
                         g,
                         (hw, 1),
                     );
-                    col2im(&cols, d, dst);
+                    columns.add_back(&cols, dst);
                 }
             }
         });
@@ -388,9 +390,9 @@ impl CustomOp2 for ConvSameWeight {
         let mut partial = vec![0f32; threads * o * ckk];
         let per = d.n.div_ceil(threads);
         let work = |t: usize, acc: &mut [f32]| {
-            let mut buf = vec![0f32; if d.k == 1 { 0 } else { ckk * hw }];
+            let mut columns = Columns::new(d);
             for e in (t * per)..((t + 1) * per).min(d.n) {
-                let cols = columns(&x[e * c * hw..(e + 1) * c * hw], d, &mut buf);
+                let cols = columns.of(&x[e * c * hw..(e + 1) * c * hw]);
                 let g = &dy[e * o * hw..(e + 1) * o * hw];
                 // acc[O×CKK] += dy_e[O×HW] · colsᵀ: colsᵀ's (i, j) is cols[j·HW + i].
                 gemm((o, ckk, hw), acc, (ckk, 1), true, g, (hw, 1), cols, (1, hw));
@@ -414,5 +416,78 @@ impl CustomOp2 for ConvSameWeight {
         }
         partial.truncate(o * ckk);
         Ok((CpuStorage::F32(partial), self.w.clone()))
+    }
+}
+
+/// `y[N, C, H, W] + b[C]` per channel, whose gradient for `b` (the sum of `dy` over
+/// examples and pixels) is one pass over `dy`: candle's autodiff of a broadcast add reduces
+/// over the broadcast dimensions with a strided fold that took a fifth of a Glow step.
+pub fn add_channel_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if y.dtype() != DType::F32 || b.dtype() != DType::F32 || !y.device().is_cpu() {
+        return y.broadcast_add(&b.reshape((1, (), 1, 1))?);
+    }
+    let (y, b) = (y.contiguous()?, b.contiguous()?);
+    y.apply_op2(&b, ChannelBias)
+}
+
+/// The forward op of [`add_channel_bias`].
+struct ChannelBias;
+
+impl CustomOp2 for ChannelBias {
+    fn name(&self) -> &'static str {
+        "add_channel_bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l1.shape().dims4()?;
+        if l2.shape().elem_count() != c {
+            candle_core::bail!("add_channel_bias: y {:?}, b {:?}", l1.shape(), l2.shape());
+        }
+        let (y, b) = (slice(s1, l1)?, slice(s2, l2)?);
+        let hw = h * w;
+        let mut out = y.to_vec();
+        for (i, plane) in out.chunks_mut(hw.max(1)).enumerate().take(n * c) {
+            let v = b[i % c];
+            plane.iter_mut().for_each(|x| *x += v);
+        }
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = dy.contiguous()?.apply_op1_no_bwd(&ChannelSum)?;
+        Ok((Some(dy.clone()), Some(db.reshape(b.shape())?)))
+    }
+}
+
+/// `dy[N, C, H, W]` summed over examples and pixels: `[C]`.
+struct ChannelSum;
+
+impl candle_core::CustomOp1 for ChannelSum {
+    fn name(&self) -> &'static str {
+        "channel_sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let dy = slice(s, l)?;
+        let hw = h * w;
+        let mut sum = vec![0f64; c];
+        for (i, plane) in dy.chunks(hw.max(1)).enumerate().take(n * c) {
+            sum[i % c] += plane.iter().map(|&v| f64::from(v)).sum::<f64>();
+        }
+        let sum: Vec<f32> = sum.into_iter().map(|v| v as f32).collect();
+        Ok((CpuStorage::F32(sum), Shape::from(c)))
     }
 }

@@ -265,3 +265,39 @@ fn any_number_of_threads_gives_the_same_answer() {
         assert!(max_diff(&one.2, &many.2) < 1e-5, "{threads} threads: dw");
     }
 }
+
+#[test]
+fn the_channel_bias_and_its_gradients_equal_a_broadcast_add() {
+    let dev = Device::Cpu;
+    let (n, c, h, wd) = (5, 6, 3, 4);
+    let y = Var::from_tensor(
+        &Tensor::from_vec(values(n * c * h * wd, 21), (n, c, h, wd), &dev).unwrap(),
+    )
+    .unwrap();
+    let b = Var::from_tensor(&Tensor::from_vec(values(c, 22), c, &dev).unwrap()).unwrap();
+    let r = Tensor::from_vec(values(n * c * h * wd, 23), (n, c, h, wd), &dev).unwrap();
+    let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+        let out = f(y.as_tensor(), b.as_tensor());
+        let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        (
+            flat(&out),
+            flat(grads.get(&y).unwrap()),
+            flat(grads.get(&b).unwrap()),
+        )
+    };
+    let fast = run(&|y, b| flowtrain::conv::add_channel_bias(y, b).unwrap());
+    let plain = run(&|y, b| y.broadcast_add(&b.reshape((1, (), 1, 1)).unwrap()).unwrap());
+    assert_eq!(fast.0, plain.0, "values");
+    assert_eq!(fast.1, plain.1, "dy");
+    assert!(
+        max_diff(&fast.2, &plain.2) < 1e-5,
+        "db {:?} vs {:?}",
+        fast.2,
+        plain.2
+    );
+    assert!(
+        fast.2.iter().all(|v| v.abs() > 1e-3),
+        "a db that could be zero proves nothing"
+    );
+}
