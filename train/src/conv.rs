@@ -2,7 +2,8 @@
 //! on the CPU: each example's im2col columns are gathered through one index table per call
 //! (padding read as a zero kept past the example) and multiplied by the weight with one
 //! direct GEMM call; the backward pass is two more ops (dW = Σ dY·colsᵀ, dX = col2im(Wᵀ·dY)).
-//! Examples are split over the threads candle is given, each with its own column buffer.
+//! Examples are split over the threads candle is given (on its persistent pool), each with its
+//! own column buffer.
 //!
 //! It replaces an im2col built from candle ops (pad, an index_select gather, a matmul over a
 //! transposed copy), whose gather, scatter-add gradient and copies were most of a Glow step.
@@ -224,8 +225,8 @@ fn gemm(
     }
 }
 
-/// Runs `f(first example, examples, out chunk)` over contiguous chunks of the batch, on up
-/// to candle's thread count of scoped threads (one chunk per thread).
+/// Runs `f(first example, examples, out chunk)` over contiguous chunks of the batch, one
+/// chunk per thread of candle's count, on its persistent pool.
 fn over_batch<F>(n: usize, per_example_out: usize, out: &mut [f32], f: F)
 where
     F: Fn(usize, usize, &mut [f32]) + Sync,
@@ -236,11 +237,27 @@ where
         return;
     }
     let per = n.div_ceil(threads);
-    std::thread::scope(|s| {
-        for (t, chunk) in out.chunks_mut(per * per_example_out).enumerate() {
-            let f = &f;
-            s.spawn(move || f(t * per, chunk.len() / per_example_out.max(1), chunk));
-        }
+    on_pool(out, per * per_example_out, |t, chunk| {
+        f(t * per, chunk.len() / per_example_out, chunk)
+    });
+}
+
+/// Runs `f(t, chunk t)` for every `chunk_len`-long chunk of `out` on candle's persistent
+/// thread pool (its workers and this thread, each taking the next chunk until none is left):
+/// no threads are started per call.
+fn on_pool<F: Fn(usize, &mut [f32]) + Sync>(out: &mut [f32], chunk_len: usize, f: F) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let chunks: Vec<Mutex<&mut [f32]>> = out.chunks_mut(chunk_len).map(Mutex::new).collect();
+    let next = AtomicUsize::new(0);
+    candle_core::utils::barrier_pool().execute(|_| loop {
+        let t = next.fetch_add(1, Ordering::Relaxed);
+        let Some(chunk) = chunks.get(t) else { break };
+        // Each chunk is taken once: the lock is never contended.
+        f(
+            t,
+            &mut chunk.lock().expect("a chunk's lock is never poisoned"),
+        );
     });
 }
 
@@ -401,12 +418,7 @@ impl CustomOp2 for ConvSameWeight {
         if threads == 1 {
             work(0, &mut partial);
         } else {
-            std::thread::scope(|s| {
-                for (t, acc) in partial.chunks_mut(o * ckk).enumerate() {
-                    let work = &work;
-                    s.spawn(move || work(t, acc));
-                }
-            });
+            on_pool(&mut partial, o * ckk, work);
         }
         let (first, rest) = partial.split_at_mut(o * ckk);
         for acc in rest.chunks(o * ckk) {
