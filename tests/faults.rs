@@ -107,13 +107,7 @@ async fn an_engine_error_fails_only_its_batch_and_the_next_batch_serves() {
         .await;
     assert_eq!(s, 200, "{b}");
     let metrics = server.metrics().await;
-    let count = |needle: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(needle))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let count = |series: &str| metric_value(&metrics, series);
     assert_eq!(
         count("flowserve_rejections_total{model=\"faulty\",reason=\"engine_error\"}"),
         6.0,
@@ -372,11 +366,7 @@ async fn a_connection_flood_is_refused_cleanly_and_the_probes_still_answer() {
     .unwrap();
     assert_eq!(status, 200, "{body}");
     let metrics = server.metrics().await;
-    let refused: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("flowserve_connections_refused_total "))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap();
+    let refused = metric_value(&metrics, "flowserve_connections_refused_total");
     // 56 of the flood, and the 4 probes above.
     assert!(refused >= 60.0, "{refused}");
     eprintln!("faults: 64 idle connections against --max-connections 8: {refused} past the limit, inference refused 503 with Retry-After, /healthz, /readyz and /v2/health/ready answered 200, served again once the flood left");

@@ -108,13 +108,11 @@ async fn tail_probabilities_of_fresh_draws_are_uniform_and_thresholds_flag_their
 
     // Every scored row fed the drift histogram.
     let text = server.metrics().await;
-    let count: f64 = text
-        .lines()
-        .find(|l| l.starts_with("flowserve_tail_probability_count{model=\"moons\""))
-        .and_then(|l| l.rsplit(' ').next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let count = metric_sum(
+        &text,
+        "flowserve_tail_probability_count",
+        &["model=\"moons\""],
+    );
     assert_eq!(count, (2 * m + 500) as f64);
 }
 

@@ -221,25 +221,6 @@ fn rss_mib(pid: u32) -> f64 {
     kb / 1024.0
 }
 
-/// The value of the series `name{labels}` (labels in Prometheus' sorted order), 0 if absent.
-fn series(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Sums every series of family `family` whose labels contain all of `having`.
-fn sum(metrics: &str, family: &str, having: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{family}{{")))
-        .filter(|l| having.iter().all(|h| l.contains(h)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Sends a body partly, then closes the connection.
 fn hang_up(port: u16, rng_byte: u8) {
     use std::io::Write;
@@ -423,8 +404,8 @@ async fn a_soak_of_mixed_traffic_loses_nothing_and_holds_its_memory() {
     let settle = Instant::now();
     let metrics = loop {
         let m = server.metrics().await;
-        let queued = sum(&m, "flowserve_queue_rows", &[]);
-        let in_flight = series(&m, "flowserve_in_flight_requests");
+        let queued = metric_sum(&m, "flowserve_queue_rows", &[]);
+        let in_flight = metric_value(&m, "flowserve_in_flight_requests");
         if queued == 0.0 && in_flight == 0.0 {
             break m;
         }
@@ -463,7 +444,7 @@ async fn a_soak_of_mixed_traffic_loses_nothing_and_holds_its_memory() {
 
     // The metrics add up to what the clients saw. Served requests and rows, per model and
     // endpoint, exactly (the abandoned draws may or may not have been served).
-    let delta = |name: &str| series(&metrics, name) - series(&before, name);
+    let delta = |name: &str| metric_value(&metrics, name) - metric_value(&before, name);
     for ((model, endpoint), (n, rows)) in &t.served {
         let code = format!("flowserve_requests_total{{code=\"200\",endpoint=\"{endpoint}\",model=\"{model}\",version=\"1\"}}");
         let ok_rows = format!("flowserve_rows_total{{endpoint=\"{endpoint}\",model=\"{model}\",outcome=\"ok\",version=\"1\"}}");
@@ -487,8 +468,8 @@ async fn a_soak_of_mixed_traffic_loses_nothing_and_holds_its_memory() {
             format!("code=\"{code}\""),
         ];
         let have: Vec<&str> = have.iter().map(String::as_str).collect();
-        let got = sum(&metrics, "flowserve_requests_total", &have)
-            - sum(&before, "flowserve_requests_total", &have);
+        let got = metric_sum(&metrics, "flowserve_requests_total", &have)
+            - metric_sum(&before, "flowserve_requests_total", &have);
         let slack = match (endpoint.as_str(), code) {
             ("log_prob", 400) => hangups,
             ("sample", 200) => aborted,
@@ -499,8 +480,8 @@ async fn a_soak_of_mixed_traffic_loses_nothing_and_holds_its_memory() {
             "{endpoint} {code}: the metrics say {got}, the clients saw {n}"
         );
     }
-    let total = sum(&metrics, "flowserve_requests_total", &[])
-        - sum(&before, "flowserve_requests_total", &[]);
+    let total = metric_sum(&metrics, "flowserve_requests_total", &[])
+        - metric_sum(&before, "flowserve_requests_total", &[]);
     assert!(
         total >= answered as f64 && total <= (answered + hangups + aborted) as f64,
         "{total} counted, {answered} answered"

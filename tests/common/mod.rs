@@ -378,3 +378,23 @@ pub fn raw_http(port: u16, method: &str, path: &str, body: &str) -> (u16, String
 pub fn port_of(server: &Server) -> u16 {
     server.base.rsplit(':').next().unwrap().parse().unwrap()
 }
+
+/// The value of the series `name{labels}` (labels in Prometheus' sorted order) in a metrics
+/// exposition, 0 if absent.
+pub fn metric_value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The sum of every series of `family` whose labels contain all of `having`.
+pub fn metric_sum(metrics: &str, family: &str, having: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .filter(|l| having.iter().all(|h| l.contains(h)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -55,6 +55,16 @@ fn direct(
     y
 }
 
+/// A tensor's values, row-major, as float32.
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -85,12 +95,7 @@ fn the_custom_op_equals_a_direct_convolution() {
         let wv = values(o * c * k * k, 100 + i as u64);
         let x = Tensor::from_vec(xv.clone(), shape, &dev).unwrap();
         let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
-        let got: Vec<f32> = conv_same(&x, &w, k)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = flat(&conv_same(&x, &w, k).unwrap());
         let want = direct(&xv, &wv, shape, o, k);
         assert!(
             max_diff(&got, &want) < 1e-5,
@@ -105,12 +110,7 @@ fn the_custom_op_equals_a_direct_convolution() {
             .unwrap()
             .transpose(2, 3)
             .unwrap();
-        let again: Vec<f32> = conv_same(&xt, &w, k)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let again = flat(&conv_same(&xt, &w, k).unwrap());
         assert_eq!(got, again, "case {i}: strided input");
     }
 }
@@ -132,16 +132,8 @@ fn loss_and_grads(
     let r = Tensor::from_vec(values(y.elem_count(), 7), y.shape(), &dev).unwrap();
     let loss = (y * r).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
-    let flat = |v: &Var| -> Vec<f32> {
-        grads
-            .get(v)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    (loss.to_scalar().unwrap(), flat(&x), flat(&w))
+    let grad = |v: &Var| flat(grads.get(v).unwrap());
+    (loss.to_scalar().unwrap(), grad(&x), grad(&w))
 }
 
 #[test]
@@ -215,24 +207,14 @@ fn float64_takes_the_candle_path_with_the_same_result() {
     let wv = values(o * c * k * k, 4);
     let x = Tensor::from_vec(xv.clone(), (n, c, h, wd), &dev).unwrap();
     let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
-    let y32: Vec<f32> = conv_same(&x, &w, k)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let y64: Vec<f32> = conv_same(
+    let y32 = flat(&conv_same(&x, &w, k).unwrap());
+    let y64 = conv_same(
         &x.to_dtype(DType::F64).unwrap(),
         &w.to_dtype(DType::F64).unwrap(),
         k,
     )
-    .unwrap()
-    .to_dtype(DType::F32)
-    .unwrap()
-    .flatten_all()
-    .unwrap()
-    .to_vec1()
     .unwrap();
+    let y64 = flat(&y64);
     assert!(max_diff(&y32, &y64) < 1e-5);
 }
 
@@ -247,12 +229,7 @@ fn any_number_of_threads_gives_the_same_answer() {
         let dev = Device::Cpu;
         let x = Tensor::from_vec(xv.clone(), (n, c, h, wd), &dev).unwrap();
         let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
-        let y: Vec<f32> = conv_same(&x, &w, k)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let y = flat(&conv_same(&x, &w, k).unwrap());
         let (_, dx, dw) = loss_and_grads(conv_same, &xv, &wv, (n, c, h, wd), o, k);
         (y, dx, dw)
     };
@@ -279,7 +256,6 @@ fn the_channel_bias_and_its_gradients_equal_a_broadcast_add() {
     let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
         let out = f(y.as_tensor(), b.as_tensor());
         let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
         (
             flat(&out),
             flat(grads.get(&y).unwrap()),
