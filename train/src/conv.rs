@@ -1,26 +1,40 @@
 //! The stride-1 "same" convolution that image couplings train with, as one candle custom op
-//! on the CPU: each example's im2col columns are gathered through one index table per call
-//! (padding read as a zero kept past the example) and multiplied by the weight with one
-//! direct GEMM call; the backward pass is two more ops (dW = Σ dY·colsᵀ, dX = col2im(Wᵀ·dY)).
-//! Examples are split over the threads candle is given (on its persistent pool), each with its
-//! own column buffer.
+//! on the CPU. The batch is split into one chunk per thread (on candle's persistent pool);
+//! a chunk's im2col matrix `[C·k·k, m·H·W]` is gathered through one index table per call
+//! (padding read as a zero kept past each example) and multiplied by the weight in one GEMM
+//! call over all its examples' pixels — these images are small (4×4 pixels is common), so a
+//! GEMM per example would be mostly call overhead. The bias is added as the result is laid
+//! back out per example. The backward pass is one more op: dW from the columns the forward
+//! pass kept, db, and dx as a scatter-add or, when it touches less memory, as the
+//! convolution of dY with the flipped kernel.
 //!
 //! It replaces an im2col built from candle ops (pad, an index_select gather, a matmul over a
 //! transposed copy), whose gather, scatter-add gradient and copies were most of a Glow step.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::nn::channel_matmul;
 
-/// `x[N, C, H, W]` convolved with `w[O, C, k, k]` (k odd), zero padding k/2: `[N, O, H, W]`.
-/// Differentiable in both arguments. float32 on the CPU takes the custom op; anything else
-/// (float64 in tests, another device) the same convolution built from candle ops.
-pub fn conv_same(x: &Tensor, w: &Tensor, k: usize) -> Result<Tensor> {
-    if x.dtype() != DType::F32 || w.dtype() != DType::F32 || !x.device().is_cpu() {
-        return conv_same_candle(x, w, k);
+/// `x[N, C, H, W]` convolved with `w[O, C, k, k]` (k odd, zero padding k/2) plus the bias
+/// `b[O]` per output channel: `[N, O, H, W]`. Differentiable in all three. float32 on the
+/// CPU takes the custom op; anything else (float64 in tests, another device) the same
+/// convolution built from candle ops.
+pub fn conv_same(x: &Tensor, w: &Tensor, b: &Tensor, k: usize) -> Result<Tensor> {
+    let f32_cpu = [x, w, b].iter().all(|t| t.dtype() == DType::F32) && x.device().is_cpu();
+    if !f32_cpu {
+        return conv_same_candle(x, w, k)?.broadcast_add(&b.reshape((1, (), 1, 1))?);
     }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    x.apply_op2(&w, ConvSame { k })
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+    x.apply_op3(
+        &w,
+        &b,
+        ConvSame {
+            k,
+            saved: Mutex::new(None),
+        },
+    )
 }
 
 /// The same convolution from candle ops: im2col as one gather over the padded input (its
@@ -106,8 +120,11 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
 /// index of the input value it reads, `x[c][y + dy − k/2][x + dx − k/2]` in `[C·H·W]`, or
 /// `C·H·W` outside the image: a zero kept one past the example's values. Built once per call
 /// and shared by every example (the images are small, so the table is: 36·16 entries for a
-/// 3×3 layer on 4 channels of 4×4).
+/// 3×3 layer on 4 channels of 4×4). Empty for k = 1, which needs none.
 fn gather_table(d: Dims) -> Vec<u32> {
+    if d.k == 1 {
+        return Vec::new();
+    }
     let (h, w, k, p) = (d.h as isize, d.w as isize, d.k as isize, (d.k / 2) as isize);
     let outside = (d.c * d.hw()) as u32;
     let mut table = Vec::with_capacity(d.ckk() * d.hw());
@@ -128,55 +145,6 @@ fn gather_table(d: Dims) -> Vec<u32> {
         }
     }
     table
-}
-
-/// An example's columns, and the buffers that make them: for k = 1 the example itself;
-/// otherwise gathered through the table from a copy of the example with a zero after it.
-struct Columns {
-    table: Vec<u32>,
-    padded: Vec<f32>,
-    cols: Vec<f32>,
-}
-
-impl Columns {
-    fn new(d: Dims) -> Columns {
-        if d.k == 1 {
-            return Columns {
-                table: vec![],
-                padded: vec![],
-                cols: vec![],
-            };
-        }
-        Columns {
-            table: gather_table(d),
-            padded: vec![0.0; d.c * d.hw() + 1],
-            cols: vec![0.0; d.ckk() * d.hw()],
-        }
-    }
-
-    /// The columns `[C·k·k, H·W]` of example `x[C·H·W]`.
-    fn of<'a>(&'a mut self, x: &'a [f32]) -> &'a [f32] {
-        if self.table.is_empty() {
-            return x;
-        }
-        let n = x.len();
-        self.padded[..n].copy_from_slice(x);
-        for (c, &i) in self.cols.iter_mut().zip(&self.table) {
-            *c = self.padded[i as usize];
-        }
-        &self.cols
-    }
-
-    /// Adds the columns' gradient `g[C·k·k, H·W]` back into an example's `dx[C·H·W]`
-    /// (the gather's adjoint: a scatter-add through the same table).
-    fn add_back(&mut self, g: &[f32], dx: &mut [f32]) {
-        self.padded.fill(0.0);
-        for (&v, &i) in g.iter().zip(&self.table) {
-            self.padded[i as usize] += v;
-        }
-        let n = dx.len();
-        dx.copy_from_slice(&self.padded[..n]);
-    }
 }
 
 /// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]`, each given by its row and
@@ -225,48 +193,162 @@ fn gemm(
     }
 }
 
-/// Runs `f(first example, examples, out chunk)` over contiguous chunks of the batch, one
-/// chunk per thread of candle's count, on its persistent pool.
-fn over_batch<F>(n: usize, per_example_out: usize, out: &mut [f32], f: F)
-where
-    F: Fn(usize, usize, &mut [f32]) + Sync,
-{
-    let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
-    if threads == 1 || per_example_out == 0 {
-        f(0, n, out);
-        return;
-    }
-    let per = n.div_ceil(threads);
-    on_pool(out, per * per_example_out, |t, chunk| {
-        f(t * per, chunk.len() / per_example_out, chunk)
-    });
+/// How a call splits its batch: `chunks` runs of `per` examples (the last one shorter), one
+/// per thread of candle's count, each a single GEMM over all its examples' pixels.
+#[derive(Clone, Copy, Debug)]
+struct Split {
+    per: usize,
+    chunks: usize,
 }
 
-/// Runs `f(t, chunk t)` for every `chunk_len`-long chunk of `out` on candle's persistent
-/// thread pool (its workers and this thread, each taking the next chunk until none is left):
-/// no threads are started per call.
-fn on_pool<F: Fn(usize, &mut [f32]) + Sync>(out: &mut [f32], chunk_len: usize, f: F) {
+impl Split {
+    fn of(n: usize) -> Split {
+        let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
+        let per = n.div_ceil(threads).max(1);
+        Split {
+            per,
+            chunks: n.div_ceil(per),
+        }
+    }
+
+    /// The examples of chunk `t`.
+    fn range(&self, t: usize, n: usize) -> std::ops::Range<usize> {
+        (t * self.per).min(n)..((t + 1) * self.per).min(n)
+    }
+}
+
+/// Runs `f(t, item t)` for every item on candle's persistent thread pool (its workers and
+/// this thread, each taking the next item until none is left): no threads are started per
+/// call, and one item runs on this thread alone.
+fn on_pool<T: Send, F: Fn(usize, T) + Sync>(items: Vec<T>, f: F) {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Mutex;
-    let chunks: Vec<Mutex<&mut [f32]>> = out.chunks_mut(chunk_len).map(Mutex::new).collect();
+    if items.len() <= 1 {
+        items
+            .into_iter()
+            .enumerate()
+            .for_each(|(t, item)| f(t, item));
+        return;
+    }
+    let items: Vec<Mutex<Option<T>>> = items.into_iter().map(|i| Mutex::new(Some(i))).collect();
     let next = AtomicUsize::new(0);
     candle_core::utils::barrier_pool().execute(|_| loop {
         let t = next.fetch_add(1, Ordering::Relaxed);
-        let Some(chunk) = chunks.get(t) else { break };
-        // Each chunk is taken once: the lock is never contended.
-        f(
-            t,
-            &mut chunk.lock().expect("a chunk's lock is never poisoned"),
-        );
+        let Some(item) = items.get(t) else { break };
+        // Each item is taken once: the lock is never contended.
+        let item = item.lock().expect("never poisoned").take();
+        f(t, item.expect("taken once"));
     });
 }
 
-/// The forward op: `x`, `w` → `y`.
-struct ConvSame {
-    k: usize,
+/// Splits `v` into consecutive pieces of `len` elements each (the last shorter).
+fn pieces(v: &mut [f32], len: usize) -> Vec<&mut [f32]> {
+    if len == 0 {
+        return Vec::new();
+    }
+    v.chunks_mut(len).collect()
 }
 
-impl CustomOp2 for ConvSame {
+/// The im2col matrix `[C·k·k, m·H·W]` of `m` examples `x[m, C, H, W]`, written into `cols`
+/// (cleared first; written in order, so nothing is zeroed first): column `e·H·W + p` holds
+/// what output pixel p of example e reads (k = 1: the examples' pixels, channels as rows).
+/// Row `(c·k + dy)·k + dx` matches the kernel layout `[O, C, k, k]`.
+fn im2col(d: Dims, table: &[u32], x: &[f32], cols: &mut Vec<f32>) {
+    let (hw, chw) = (d.hw(), d.c * d.hw());
+    cols.clear();
+    if d.k == 1 {
+        for c in 0..d.c {
+            for ex in x.chunks(chw) {
+                cols.extend_from_slice(&ex[c * hw..(c + 1) * hw]);
+            }
+        }
+        return;
+    }
+    // Each example followed by a zero, which the table's outside taps (index C·H·W) read:
+    // the gather below then needs no branch.
+    PADDED.with(|p| {
+        let mut padded = p.borrow_mut();
+        padded.clear();
+        for ex in x.chunks(chw) {
+            padded.extend_from_slice(ex);
+            padded.push(0.0);
+        }
+        for taps in table.chunks(hw) {
+            for ex in padded.chunks(chw + 1) {
+                cols.extend(taps.iter().map(|&i| ex[i as usize]));
+            }
+        }
+    });
+}
+
+/// `out[m, R, H·W]` from a matrix `[R, m·H·W]` (column `e·H·W + p`), plus `bias[r]` if given.
+fn to_examples(t: &[f32], rows: usize, hw: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+    let row = t.len() / rows.max(1);
+    for (e, ex) in out.chunks_mut(rows * hw).enumerate() {
+        for (r, plane) in ex.chunks_mut(hw).enumerate() {
+            let src = &t[r * row + e * hw..r * row + (e + 1) * hw];
+            let b = bias.map_or(0.0, |b| b[r]);
+            for (o, &v) in plane.iter_mut().zip(src) {
+                *o = v + b;
+            }
+        }
+    }
+}
+
+/// Buffers reused from call to call, so that a training step does not fault in and clear
+/// fresh pages for every matrix: the forward pass's columns go back to [`COLUMNS`] once the
+/// backward pass has used them, and each thread keeps its scratch matrices.
+static COLUMNS: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// At most this many column buffers wait in [`COLUMNS`].
+const POOLED: usize = 256;
+
+fn column_buffer() -> Vec<f32> {
+    COLUMNS
+        .lock()
+        .expect("never poisoned")
+        .pop()
+        .unwrap_or_default()
+}
+
+fn recycle(buffers: Vec<Vec<f32>>) {
+    let mut pool = COLUMNS.lock().expect("never poisoned");
+    for b in buffers {
+        if pool.len() < POOLED {
+            pool.push(b);
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = Default::default();
+    static PADDED: std::cell::RefCell<Vec<f32>> = Default::default();
+}
+
+/// `f` with this thread's three scratch vectors (of any length and contents).
+fn with_scratch<R>(f: impl FnOnce(&mut [Vec<f32>; 3]) -> R) -> R {
+    SCRATCH.with(|s| f(&mut s.borrow_mut()))
+}
+
+/// The first `len` elements of `v`, grown if needed; their contents are whatever was there.
+fn prefix(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
+
+/// Largest im2col matrix (in floats) the forward pass keeps for the weight gradient; a
+/// larger one is gathered again in the backward pass.
+const KEEP_COLUMNS: usize = 1 << 24;
+
+/// The forward op: `x`, `w`, `b` → `y`. It keeps its im2col matrices for the backward pass.
+struct ConvSame {
+    k: usize,
+    /// The columns of the forward pass, one matrix per chunk, and the split that made them.
+    saved: Mutex<Option<(Split, Vec<Vec<f32>>)>>,
+}
+
+impl CustomOp3 for ConvSame {
     fn name(&self) -> &'static str {
         "conv_same"
     }
@@ -277,29 +359,38 @@ impl CustomOp2 for ConvSame {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1, l2, self.k)?;
-        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
-        let (hw, ckk, o) = (d.hw(), d.ckk(), d.o);
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        if b.len() != d.o {
+            candle_core::bail!("conv_same: {} biases for {} outputs", b.len(), d.o);
+        }
+        let (hw, ckk, o, chw) = (d.hw(), d.ckk(), d.o, d.c * d.hw());
+        let table = gather_table(d);
+        let split = Split::of(d.n);
         let mut y = vec![0f32; d.n * o * hw];
-        over_batch(d.n, o * hw, &mut y, |first, count, out| {
-            let mut columns = Columns::new(d);
-            for i in 0..count {
-                let e = first + i;
-                let cols = columns.of(&x[e * d.c * hw..(e + 1) * d.c * hw]);
-                let dst = &mut out[i * o * hw..(i + 1) * o * hw];
-                gemm(
-                    (o, hw, ckk),
-                    dst,
-                    (hw, 1),
-                    false,
-                    w,
-                    (ckk, 1),
-                    cols,
-                    (hw, 1),
-                );
-            }
+        let mut cols: Vec<Vec<f32>> = (0..split.chunks).map(|_| column_buffer()).collect();
+        let items: Vec<_> = pieces(&mut y, split.per * o * hw)
+            .into_iter()
+            .zip(cols.iter_mut())
+            .collect();
+        on_pool(items, |t, (y, cols)| {
+            let r = split.range(t, d.n);
+            let m = r.len() * hw;
+            im2col(d, &table, &x[r.start * chw..r.end * chw], cols);
+            with_scratch(|[out, ..]| {
+                let out = prefix(out, o * m);
+                gemm((o, m, ckk), out, (m, 1), false, w, (ckk, 1), cols, (m, 1));
+                to_examples(out, o, hw, Some(b), y);
+            });
         });
+        if d.n * ckk * hw <= KEEP_COLUMNS {
+            *self.saved.lock().expect("never poisoned") = Some((split, cols));
+        } else {
+            recycle(cols);
+        }
         Ok((CpuStorage::F32(y), Shape::from((d.n, o, d.h, d.w))))
     }
 
@@ -307,37 +398,48 @@ impl CustomOp2 for ConvSame {
         &self,
         x: &Tensor,
         w: &Tensor,
+        b: &Tensor,
         _y: &Tensor,
         dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = dy.apply_op2_no_bwd(
-            w,
-            &ConvSameInput {
-                k: self.k,
-                x: x.shape().clone(),
-            },
-        )?;
-        let dw = dy.apply_op2_no_bwd(
-            x,
-            &ConvSameWeight {
-                k: self.k,
-                w: w.shape().clone(),
-            },
-        )?;
-        Ok((Some(dx), Some(dw)))
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self.saved.lock().expect("never poisoned").take();
+        let grad = ConvSameGrad {
+            k: self.k,
+            saved: Mutex::new(saved),
+        };
+        let grads = dy.contiguous()?.apply_op3_no_bwd(x, w, &grad)?;
+        let (nx, nw) = (x.elem_count(), w.elem_count());
+        let dx = grads.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let dw = grads.narrow(0, nx, nw)?.reshape(w.shape())?;
+        let db = grads
+            .narrow(0, nx + nw, b.elem_count())?
+            .reshape(b.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-/// The gradient with respect to the input: `dy`, `w` → `dx = col2im(Wᵀ·dy)`.
-struct ConvSameInput {
-    k: usize,
-    x: Shape,
+impl Drop for ConvSame {
+    /// Columns no backward pass took (evaluation) go back to the pool.
+    fn drop(&mut self) {
+        if let Some((_, cols)) = self.saved.get_mut().ok().and_then(Option::take) {
+            recycle(cols);
+        }
+    }
 }
 
-impl CustomOp2 for ConvSameInput {
+/// The backward op: `dy`, `x`, `w` → `[dx | dW | db]` flattened into one vector:
+/// dW = Σ dY·colsᵀ, db = Σ dY over examples and pixels, and dx either as col2im(Wᵀ·dY) (a
+/// scatter-add through the gather's table) or, with fewer outputs than inputs, as the
+/// convolution of dY with the flipped, transposed kernel (a gather over the O channels of
+/// dY: fewer taps).
+struct ConvSameGrad {
+    k: usize,
+    saved: Mutex<Option<(Split, Vec<Vec<f32>>)>>,
+}
+
+impl CustomOp3 for ConvSameGrad {
     fn name(&self) -> &'static str {
-        "conv_same_input_grad"
+        "conv_same_grad"
     }
 
     fn cpu_fwd(
@@ -346,160 +448,119 @@ impl CustomOp2 for ConvSameInput {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = Dims::of(&Layout::contiguous(self.x.clone()), l2, self.k)?;
-        let (dy, w) = (slice(s1, l1)?, slice(s2, l2)?);
-        let (hw, ckk, o, c) = (d.hw(), d.ckk(), d.o, d.c);
-        let mut dx = vec![0f32; d.n * c * hw];
-        over_batch(d.n, c * hw, &mut dx, |first, count, out| {
-            let mut columns = Columns::new(d);
-            let mut cols = vec![0f32; if d.k == 1 { 0 } else { ckk * hw }];
-            for i in 0..count {
-                let e = first + i;
-                let g = &dy[e * o * hw..(e + 1) * o * hw];
-                let dst = &mut out[i * c * hw..(i + 1) * c * hw];
-                // cols[CKK×HW] = Wᵀ · dy_e (Wᵀ's (i, j) is w[j·CKK + i]); for k = 1 the
-                // columns are the gradient itself.
-                if d.k == 1 {
-                    gemm((ckk, hw, o), dst, (hw, 1), false, w, (1, ckk), g, (hw, 1));
-                } else {
-                    gemm(
-                        (ckk, hw, o),
-                        &mut cols,
-                        (hw, 1),
-                        false,
-                        w,
-                        (1, ckk),
-                        g,
-                        (hw, 1),
-                    );
-                    columns.add_back(&cols, dst);
-                }
-            }
-        });
-        Ok((CpuStorage::F32(dx), self.x.clone()))
-    }
-}
-
-/// The gradient with respect to the weight: `dy`, `x` → `dw = Σ_e dy_e · cols_eᵀ`.
-struct ConvSameWeight {
-    k: usize,
-    w: Shape,
-}
-
-impl CustomOp2 for ConvSameWeight {
-    fn name(&self) -> &'static str {
-        "conv_same_weight_grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = Dims::of(l2, &Layout::contiguous(self.w.clone()), self.k)?;
-        let (dy, x) = (slice(s1, l1)?, slice(s2, l2)?);
-        let (hw, ckk, o, c) = (d.hw(), d.ckk(), d.o, d.c);
-        let threads = candle_core::utils::get_num_threads().clamp(1, d.n.max(1));
-        // One partial sum per thread, added at the end.
-        let mut partial = vec![0f32; threads * o * ckk];
-        let per = d.n.div_ceil(threads);
-        let work = |t: usize, acc: &mut [f32]| {
-            let mut columns = Columns::new(d);
-            for e in (t * per)..((t + 1) * per).min(d.n) {
-                let cols = columns.of(&x[e * c * hw..(e + 1) * c * hw]);
-                let g = &dy[e * o * hw..(e + 1) * o * hw];
-                // acc[O×CKK] += dy_e[O×HW] · colsᵀ: colsᵀ's (i, j) is cols[j·HW + i].
-                gemm((o, ckk, hw), acc, (ckk, 1), true, g, (hw, 1), cols, (1, hw));
+        let d = Dims::of(l2, l3, self.k)?;
+        let (dy, x, w) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (hw, ckk, o, c, k) = (d.hw(), d.ckk(), d.o, d.c, d.k);
+        let (chw, ohw) = (c * hw, o * hw);
+        let table = gather_table(d);
+        let (split, mut cols) = match self.saved.lock().expect("never poisoned").take() {
+            Some(saved) => saved,
+            None => {
+                let split = Split::of(d.n);
+                (split, (0..split.chunks).map(|_| Vec::new()).collect())
             }
         };
-        if threads == 1 {
-            work(0, &mut partial);
+        // dx by the transposed convolution when dY has fewer channels than x.
+        let transposed = k > 1 && o < c;
+        let flipped_dims = Dims { c: o, o: c, ..d };
+        let (flipped_table, flipped) = if transposed {
+            let mut wf = vec![0f32; c * o * k * k];
+            // wf[c, o, i, j] = w[o, c, k − 1 − i, k − 1 − j].
+            for oo in 0..o {
+                for ci in 0..c {
+                    for i in 0..k {
+                        for j in 0..k {
+                            wf[((ci * o + oo) * k + i) * k + j] =
+                                w[((oo * c + ci) * k + (k - 1 - i)) * k + (k - 1 - j)];
+                        }
+                    }
+                }
+            }
+            (gather_table(flipped_dims), wf)
         } else {
-            on_pool(&mut partial, o * ckk, work);
-        }
-        let (first, rest) = partial.split_at_mut(o * ckk);
-        for acc in rest.chunks(o * ckk) {
+            (Vec::new(), Vec::new())
+        };
+        let mut out = vec![0f32; d.n * chw + o * ckk + o];
+        let (dx, _) = out.split_at_mut(d.n * chw);
+        let mut partial = vec![0f32; split.chunks * (o * ckk + o)];
+        let items: Vec<_> = pieces(dx, split.per * chw)
+            .into_iter()
+            .zip(pieces(&mut partial, o * ckk + o))
+            .zip(cols.iter_mut())
+            .collect();
+        on_pool(items, |t, ((dx, acc), cols)| {
+            let r = split.range(t, d.n);
+            let m = r.len() * hw;
+            let dy = &dy[r.start * ohw..r.end * ohw];
+            if cols.len() != ckk * m {
+                im2col(d, &table, &x[r.start * chw..r.end * chw], cols);
+            }
+            with_scratch(|[g, gc, gcols]| {
+                // dY as a matrix [O, m·H·W], the layout of the columns.
+                im2col(Dims { c: o, k: 1, ..d }, &[], dy, g);
+                let (dw, db) = acc.split_at_mut(o * ckk);
+                // dW[O×CKK] = g · colsᵀ (colsᵀ's (i, j) is cols[j·m + i]), stored
+                // column-major (dw[j·O + i]): the GEMM then packs the small g, not the
+                // columns, and the sum below lays it out row-major.
+                gemm((o, ckk, m), dw, (1, o), false, g, (m, 1), cols, (1, m));
+                for (s, row) in db.iter_mut().zip(g.chunks(m.max(1))) {
+                    *s = row.iter().sum();
+                }
+                if transposed {
+                    let okk = o * k * k;
+                    im2col(flipped_dims, &flipped_table, dy, gcols);
+                    let t = prefix(gc, c * m);
+                    gemm(
+                        (c, m, okk),
+                        t,
+                        (m, 1),
+                        false,
+                        &flipped,
+                        (okk, 1),
+                        gcols,
+                        (m, 1),
+                    );
+                    to_examples(t, c, hw, None, dx);
+                    return;
+                }
+                // The columns' gradient Wᵀ·g (Wᵀ's (i, j) is w[j·CKK + i]).
+                let gc = prefix(gc, ckk * m);
+                gemm((ckk, m, o), gc, (m, 1), false, w, (1, ckk), g, (m, 1));
+                if k == 1 {
+                    to_examples(gc, c, hw, None, dx);
+                    return;
+                }
+                // col2im: the gather's adjoint, a scatter-add through the same table.
+                for (e, dx) in dx.chunks_mut(chw).enumerate() {
+                    for (row, taps) in table.chunks(hw).enumerate() {
+                        let src = &gc[row * m + e * hw..row * m + (e + 1) * hw];
+                        for (&v, &i) in src.iter().zip(taps) {
+                            if let Some(slot) = dx.get_mut(i as usize) {
+                                *slot += v;
+                            }
+                        }
+                    }
+                }
+            });
+        });
+        recycle(cols);
+        // The chunks' partial dW (column-major) and db, summed into the tail of the output.
+        let (first, rest) = partial.split_at_mut(o * ckk + o);
+        for acc in rest.chunks(o * ckk + o) {
             for (a, b) in first.iter_mut().zip(acc) {
                 *a += b;
             }
         }
-        partial.truncate(o * ckk);
-        Ok((CpuStorage::F32(partial), self.w.clone()))
-    }
-}
-
-/// `y[N, C, H, W] + b[C]` per channel, whose gradient for `b` (the sum of `dy` over
-/// examples and pixels) is one pass over `dy`: candle's autodiff of a broadcast add reduces
-/// over the broadcast dimensions with a strided fold that took a fifth of a Glow step.
-pub fn add_channel_bias(y: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if y.dtype() != DType::F32 || b.dtype() != DType::F32 || !y.device().is_cpu() {
-        return y.broadcast_add(&b.reshape((1, (), 1, 1))?);
-    }
-    let (y, b) = (y.contiguous()?, b.contiguous()?);
-    y.apply_op2(&b, ChannelBias)
-}
-
-/// The forward op of [`add_channel_bias`].
-struct ChannelBias;
-
-impl CustomOp2 for ChannelBias {
-    fn name(&self) -> &'static str {
-        "add_channel_bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = l1.shape().dims4()?;
-        if l2.shape().elem_count() != c {
-            candle_core::bail!("add_channel_bias: y {:?}, b {:?}", l1.shape(), l2.shape());
+        let (dw, db) = out[d.n * chw..].split_at_mut(o * ckk);
+        for (j, column) in first[..o * ckk].chunks(o).enumerate() {
+            for (i, &v) in column.iter().enumerate() {
+                dw[i * ckk + j] = v;
+            }
         }
-        let (y, b) = (slice(s1, l1)?, slice(s2, l2)?);
-        let hw = h * w;
-        let mut out = y.to_vec();
-        for (i, plane) in out.chunks_mut(hw.max(1)).enumerate().take(n * c) {
-            let v = b[i % c];
-            plane.iter_mut().for_each(|x| *x += v);
-        }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _y: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let db = dy.contiguous()?.apply_op1_no_bwd(&ChannelSum)?;
-        Ok((Some(dy.clone()), Some(db.reshape(b.shape())?)))
-    }
-}
-
-/// `dy[N, C, H, W]` summed over examples and pixels: `[C]`.
-struct ChannelSum;
-
-impl candle_core::CustomOp1 for ChannelSum {
-    fn name(&self) -> &'static str {
-        "channel_sum"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = l.shape().dims4()?;
-        let dy = slice(s, l)?;
-        let hw = h * w;
-        let mut sum = vec![0f64; c];
-        for (i, plane) in dy.chunks(hw.max(1)).enumerate().take(n * c) {
-            sum[i % c] += plane.iter().map(|&v| f64::from(v)).sum::<f64>();
-        }
-        let sum: Vec<f32> = sum.into_iter().map(|v| v as f32).collect();
-        Ok((CpuStorage::F32(sum), Shape::from(c)))
+        db.copy_from_slice(&first[o * ckk..]);
+        Ok((CpuStorage::F32(out), Shape::from(d.n * chw + o * ckk + o)))
     }
 }

@@ -40,6 +40,23 @@ enum Command {
     /// Score normal rows with a package and store their log-densities as its reference set
     /// (what turns a served score into a tail probability).
     Calibrate(CalibrateArgs),
+    /// Write a dataset's training, validation and test splits as .npy files, exactly as
+    /// `train` with the same seed sees them (validation and test with their fixed
+    /// dequantisation noise), to train and score another library's model on the same rows.
+    Splits(SplitsArgs),
+}
+
+#[derive(Args)]
+struct SplitsArgs {
+    /// A built-in dataset (as `train --data`) or a .csv/.npy path.
+    #[arg(long)]
+    data: String,
+    /// The seed `train` would get (it fixes the split and the validation noise).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder: train.npy, val.npy, test.npy and splits.json.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -452,6 +469,56 @@ fn read_package_rows(path: &str, m: &flowpack::Manifest) -> Result<data::Table> 
     table.with_context(spec.width(), values)
 }
 
+fn splits(a: SplitsArgs) -> Result<()> {
+    let mut config = Config::default();
+    config.data.dataset = a.data.clone();
+    let splits = data::load(&config.data, a.seed)?;
+    let steps = data::quantization_steps(&config.data, &splits.train);
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    let write = |name: &str, table: &data::Table, noise: Option<u64>| -> Result<()> {
+        let mut values = table.values.clone();
+        if let Some(seed) = noise {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            data::dequantize(&mut values, table.dim, &steps, &mut rng);
+        }
+        let array = ndarray::Array2::from_shape_vec((table.rows(), table.dim), values)?;
+        let path = a.out.join(name);
+        let file = std::fs::File::create(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        ndarray_npy::WriteNpyExt::write_npy(&array, file)?;
+        Ok(())
+    };
+    write("train.npy", &splits.train, None)?;
+    write(
+        "val.npy",
+        &splits.val,
+        Some(flowtrain::seeds::validation(a.seed)),
+    )?;
+    write("test.npy", &splits.test, Some(flowtrain::seeds::TEST_NOISE))?;
+    let info = serde_json::json!({
+        "source": splits.source,
+        "image": splits.image,
+        "features": splits.train.names,
+        "rows": [splits.train.rows(), splits.val.rows(), splits.test.rows()],
+        "dequantization_steps": steps,
+        "range": flowpack::image::value_range(&splits.train.values),
+    });
+    std::fs::write(
+        a.out.join("splits.json"),
+        serde_json::to_string_pretty(&info)? + "\n",
+    )?;
+    println!(
+        "{}: {} / {} / {} rows -> {}",
+        splits.source,
+        splits.train.rows(),
+        splits.val.rows(),
+        splits.test.rows(),
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn calibrate(a: CalibrateArgs) -> Result<()> {
     let package = flowpack::Package::open(&a.model)?;
     let path = a.data.display().to_string();
@@ -663,6 +730,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => eval(a),
         Command::Sample(a) => sample(a),
         Command::Calibrate(a) => calibrate(a),
+        Command::Splits(a) => splits(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

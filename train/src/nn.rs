@@ -152,9 +152,7 @@ impl Net {
             let (w, b) = (w.as_tensor(), b.as_tensor());
             h = match op {
                 Op::Dense => h.matmul(w)?.broadcast_add(b)?,
-                Op::Conv(k) => {
-                    crate::conv::add_channel_bias(&crate::conv::conv_same(&h, w, *k)?, b)?
-                }
+                Op::Conv(k) => crate::conv::conv_same(&h, w, b, *k)?,
             };
             if i + 1 < self.layers.len() {
                 h = self.activation.apply(&h)?;

@@ -1,7 +1,8 @@
 //! The image couplings' convolution (flowtrain::conv): its custom CPU op against a direct
-//! convolution written out here, its gradients against finite differences and against the
-//! autodiff of the same convolution built from candle ops, and the same answer on any number
-//! of threads.
+//! convolution written out here, its gradients (input, weight, bias) against finite
+//! differences and against the autodiff of the same convolution built from candle ops, with
+//! both ways of computing dx (scatter-add, and the flipped-kernel convolution when there are
+//! fewer outputs than inputs), and the same answer on any number of threads.
 
 use candle_core::{DType, Device, Tensor, Var};
 use flowtrain::conv::{conv_same, conv_same_candle};
@@ -19,10 +20,11 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// y[n, o, i, j] = Σ_c Σ_dy Σ_dx w[o, c, dy, dx] · x[n, c, i + dy − p, j + dx − p].
+/// y[n, o, i, j] = b[o] + Σ_c Σ_dy Σ_dx w[o, c, dy, dx] · x[n, c, i + dy − p, j + dx − p].
 fn direct(
     x: &[f32],
     w: &[f32],
+    b: &[f32],
     (n, c, h, wd): (usize, usize, usize, usize),
     o: usize,
     k: usize,
@@ -33,7 +35,7 @@ fn direct(
         for oo in 0..o {
             for i in 0..h as isize {
                 for j in 0..wd as isize {
-                    let mut acc = 0f64;
+                    let mut acc = f64::from(b[oo]);
                     for cc in 0..c {
                         for dy in 0..k as isize {
                             for dx in 0..k as isize {
@@ -74,7 +76,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The shapes the tests use: Glow's 3×3 and 1×1 layers, a non-square image, a 5×5 kernel,
-/// more output channels than inputs and fewer.
+/// more output channels than inputs (dx by scatter-add) and fewer (dx by the flipped kernel).
 /// (x's shape [N, C, H, W], output channels, kernel size).
 type Case = ((usize, usize, usize, usize), usize, usize);
 
@@ -93,10 +95,12 @@ fn the_custom_op_equals_a_direct_convolution() {
         let (n, c, h, wd) = shape;
         let xv = values(n * c * h * wd, 1 + i as u64);
         let wv = values(o * c * k * k, 100 + i as u64);
+        let bv = values(o, 300 + i as u64);
         let x = Tensor::from_vec(xv.clone(), shape, &dev).unwrap();
         let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
-        let got = flat(&conv_same(&x, &w, k).unwrap());
-        let want = direct(&xv, &wv, shape, o, k);
+        let b = Tensor::from_vec(bv.clone(), o, &dev).unwrap();
+        let got = flat(&conv_same(&x, &w, &b, k).unwrap());
+        let want = direct(&xv, &wv, &bv, shape, o, k);
         assert!(
             max_diff(&got, &want) < 1e-5,
             "case {i}: {}",
@@ -110,30 +114,38 @@ fn the_custom_op_equals_a_direct_convolution() {
             .unwrap()
             .transpose(2, 3)
             .unwrap();
-        let again = flat(&conv_same(&xt, &w, k).unwrap());
+        let again = flat(&conv_same(&xt, &w, &b, k).unwrap());
         assert_eq!(got, again, "case {i}: strided input");
     }
 }
 
-/// The loss Σ y ⊙ r for a fixed random r, and its gradients, through `conv`.
-fn loss_and_grads(
-    conv: fn(&Tensor, &Tensor, usize) -> candle_core::Result<Tensor>,
+type Conv = fn(&Tensor, &Tensor, &Tensor, usize) -> candle_core::Result<Tensor>;
+
+/// The reference: candle's gather-and-matmul convolution and a broadcast add of the bias.
+fn reference(x: &Tensor, w: &Tensor, b: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    conv_same_candle(x, w, k)?.broadcast_add(&b.reshape((1, (), 1, 1))?)
+}
+
+/// The gradients of the loss Σ y ⊙ r (r fixed and random) through `conv`: (dx, dw, db).
+fn grads(
+    conv: Conv,
     xv: &[f32],
     wv: &[f32],
     shape: (usize, usize, usize, usize),
     o: usize,
     k: usize,
-) -> (f32, Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let dev = Device::Cpu;
     let x = Var::from_tensor(&Tensor::from_vec(xv.to_vec(), shape, &dev).unwrap()).unwrap();
     let w = Var::from_tensor(&Tensor::from_vec(wv.to_vec(), (o, shape.1, k, k), &dev).unwrap())
         .unwrap();
-    let y = conv(x.as_tensor(), w.as_tensor(), k).unwrap();
+    let b = Var::from_tensor(&Tensor::from_vec(values(o, 9), o, &dev).unwrap()).unwrap();
+    let y = conv(x.as_tensor(), w.as_tensor(), b.as_tensor(), k).unwrap();
     let r = Tensor::from_vec(values(y.elem_count(), 7), y.shape(), &dev).unwrap();
     let loss = (y * r).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
     let grad = |v: &Var| flat(grads.get(v).unwrap());
-    (loss.to_scalar().unwrap(), grad(&x), grad(&w))
+    (grad(&x), grad(&w), grad(&b))
 }
 
 #[test]
@@ -142,9 +154,9 @@ fn gradients_match_finite_differences_and_the_candle_autodiff() {
         let (n, c, h, wd) = shape;
         let xv = values(n * c * h * wd, 11 + i as u64);
         let wv = values(o * c * k * k, 200 + i as u64);
-        let (_, dx, dw) = loss_and_grads(conv_same, &xv, &wv, shape, o, k);
+        let (dx, dw, db) = grads(conv_same, &xv, &wv, shape, o, k);
         // Against candle's autodiff of the gather-and-matmul convolution: every element.
-        let (_, dx_ref, dw_ref) = loss_and_grads(conv_same_candle, &xv, &wv, shape, o, k);
+        let (dx_ref, dw_ref, db_ref) = grads(reference, &xv, &wv, shape, o, k);
         assert!(
             max_diff(&dx, &dx_ref) < 1e-4,
             "case {i}: dx {}",
@@ -155,10 +167,27 @@ fn gradients_match_finite_differences_and_the_candle_autodiff() {
             "case {i}: dw {}",
             max_diff(&dw, &dw_ref)
         );
-        // Against central differences of the loss, computed in f64 by the direct convolution.
+        // db[o] = Σ r over the examples and pixels of output o.
         let r = values(n * o * h * wd, 7);
+        let db_sum: Vec<f32> = (0..o)
+            .map(|oo| {
+                (0..n)
+                    .flat_map(|e| &r[(e * o + oo) * h * wd..(e * o + oo + 1) * h * wd])
+                    .sum()
+            })
+            .collect();
+        assert!(
+            max_diff(&db, &db_ref) < 1e-4,
+            "case {i}: db {db:?} vs {db_ref:?}"
+        );
+        assert!(
+            max_diff(&db, &db_sum) < 1e-4,
+            "case {i}: db {db:?} vs {db_sum:?}"
+        );
+        // Against central differences of the loss, computed in f64 by the direct convolution.
+        let bv = values(o, 9);
         let loss = |x: &[f32], w: &[f32]| -> f64 {
-            direct(x, w, shape, o, k)
+            direct(x, w, &bv, shape, o, k)
                 .iter()
                 .zip(&r)
                 .map(|(a, b)| f64::from(*a) * f64::from(*b))
@@ -207,10 +236,12 @@ fn float64_takes_the_candle_path_with_the_same_result() {
     let wv = values(o * c * k * k, 4);
     let x = Tensor::from_vec(xv.clone(), (n, c, h, wd), &dev).unwrap();
     let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
-    let y32 = flat(&conv_same(&x, &w, k).unwrap());
+    let b = Tensor::from_vec(values(o, 5), o, &dev).unwrap();
+    let y32 = flat(&conv_same(&x, &w, &b, k).unwrap());
     let y64 = conv_same(
         &x.to_dtype(DType::F64).unwrap(),
         &w.to_dtype(DType::F64).unwrap(),
+        &b.to_dtype(DType::F64).unwrap(),
         k,
     )
     .unwrap();
@@ -221,59 +252,32 @@ fn float64_takes_the_candle_path_with_the_same_result() {
 #[test]
 fn any_number_of_threads_gives_the_same_answer() {
     // candle reads RAYON_NUM_THREADS at every call; this test has its own process (nextest).
-    let ((n, c, h, wd), o, k) = ((7, 4, 4, 4), 8, 3);
-    let xv = values(n * c * h * wd, 5);
-    let wv = values(o * c * k * k, 6);
-    let run = |threads: &str| {
-        std::env::set_var("RAYON_NUM_THREADS", threads);
-        let dev = Device::Cpu;
-        let x = Tensor::from_vec(xv.clone(), (n, c, h, wd), &dev).unwrap();
-        let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
-        let y = flat(&conv_same(&x, &w, k).unwrap());
-        let (_, dx, dw) = loss_and_grads(conv_same, &xv, &wv, (n, c, h, wd), o, k);
-        (y, dx, dw)
-    };
-    let one = run("1");
-    for threads in ["2", "3", "16"] {
-        let many = run(threads);
-        assert_eq!(one.0, many.0, "{threads} threads: forward");
-        assert_eq!(one.1, many.1, "{threads} threads: dx");
-        // dW adds per-thread partial sums: the order of the additions differs.
-        assert!(max_diff(&one.2, &many.2) < 1e-5, "{threads} threads: dw");
+    // dx by scatter-add (8 outputs from 4 channels) and by the flipped kernel (4 from 8).
+    for ((n, c, h, wd), o, k) in [((7, 4, 4, 4), 8, 3), ((7, 8, 4, 4), 4, 3)] {
+        let xv = values(n * c * h * wd, 5);
+        let wv = values(o * c * k * k, 6);
+        let run = |threads: &str| {
+            std::env::set_var("RAYON_NUM_THREADS", threads);
+            let dev = Device::Cpu;
+            let x = Tensor::from_vec(xv.clone(), (n, c, h, wd), &dev).unwrap();
+            let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
+            let b = Tensor::from_vec(values(o, 8), o, &dev).unwrap();
+            let y = flat(&conv_same(&x, &w, &b, k).unwrap());
+            let (dx, dw, db) = grads(conv_same, &xv, &wv, (n, c, h, wd), o, k);
+            (y, dx, dw, db)
+        };
+        let one = run("1");
+        for threads in ["2", "3", "16"] {
+            let many = run(threads);
+            // One GEMM per thread's examples: the sums run in the same order for any split.
+            assert!(
+                max_diff(&one.0, &many.0) < 1e-6,
+                "{threads} threads: forward"
+            );
+            assert!(max_diff(&one.1, &many.1) < 1e-6, "{threads} threads: dx");
+            // dW and db add per-thread partial sums: the order of the additions differs.
+            assert!(max_diff(&one.2, &many.2) < 1e-5, "{threads} threads: dw");
+            assert!(max_diff(&one.3, &many.3) < 1e-5, "{threads} threads: db");
+        }
     }
-}
-
-#[test]
-fn the_channel_bias_and_its_gradients_equal_a_broadcast_add() {
-    let dev = Device::Cpu;
-    let (n, c, h, wd) = (5, 6, 3, 4);
-    let y = Var::from_tensor(
-        &Tensor::from_vec(values(n * c * h * wd, 21), (n, c, h, wd), &dev).unwrap(),
-    )
-    .unwrap();
-    let b = Var::from_tensor(&Tensor::from_vec(values(c, 22), c, &dev).unwrap()).unwrap();
-    let r = Tensor::from_vec(values(n * c * h * wd, 23), (n, c, h, wd), &dev).unwrap();
-    let run = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
-        let out = f(y.as_tensor(), b.as_tensor());
-        let grads = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        (
-            flat(&out),
-            flat(grads.get(&y).unwrap()),
-            flat(grads.get(&b).unwrap()),
-        )
-    };
-    let fast = run(&|y, b| flowtrain::conv::add_channel_bias(y, b).unwrap());
-    let plain = run(&|y, b| y.broadcast_add(&b.reshape((1, (), 1, 1)).unwrap()).unwrap());
-    assert_eq!(fast.0, plain.0, "values");
-    assert_eq!(fast.1, plain.1, "dy");
-    assert!(
-        max_diff(&fast.2, &plain.2) < 1e-5,
-        "db {:?} vs {:?}",
-        fast.2,
-        plain.2
-    );
-    assert!(
-        fast.2.iter().all(|v| v.abs() > 1e-3),
-        "a db that could be zero proves nothing"
-    );
 }
