@@ -106,6 +106,25 @@ impl Dims {
     fn ckk(&self) -> usize {
         self.c * self.k * self.k
     }
+    /// With fewer outputs than inputs (Glow's last layer: hidden → 2C), a k×k layer works
+    /// on the output side: Z = W_s·x for every tap s in one GEMM, then y sums Z shifted by
+    /// each tap — k²·O gathered rows instead of k²·C; and its backward pass gathers dY
+    /// (O channels) instead of scattering into x (C channels).
+    fn output_side(&self) -> bool {
+        self.k > 1 && self.o < self.c
+    }
+    /// The rows of the columns a chunk keeps for dW: x itself on the output side.
+    fn kept_rows(&self) -> usize {
+        if self.output_side() {
+            self.c
+        } else {
+            self.ckk()
+        }
+    }
+    /// The same sizes with a 1×1 kernel (im2col is then a transpose).
+    fn pointwise(&self) -> Dims {
+        Dims { k: 1, ..*self }
+    }
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -369,6 +388,17 @@ impl CustomOp3 for ConvSame {
         }
         let (hw, ckk, o, chw) = (d.hw(), d.ckk(), d.o, d.c * d.hw());
         let table = gather_table(d);
+        let (kk, c) = (d.k * d.k, d.c);
+        // Output side: the taps' table of one channel, and W as [k²·O, C] (row (s, o)).
+        let taps = gather_table(Dims { c: 1, ..d });
+        let mut stacked = Vec::new();
+        if d.output_side() {
+            stacked.resize(kk * o * c, 0.0);
+            for (i, &v) in w.iter().enumerate() {
+                let (oo, ci, s) = (i / (c * kk), (i / kk) % c, i % kk);
+                stacked[(s * o + oo) * c + ci] = v;
+            }
+        }
         let split = Split::of(d.n);
         let mut y = vec![0f32; d.n * o * hw];
         let mut cols: Vec<Vec<f32>> = (0..split.chunks).map(|_| column_buffer()).collect();
@@ -379,14 +409,47 @@ impl CustomOp3 for ConvSame {
         on_pool(items, |t, (y, cols)| {
             let r = split.range(t, d.n);
             let m = r.len() * hw;
-            im2col(d, &table, &x[r.start * chw..r.end * chw], cols);
-            with_scratch(|[out, ..]| {
-                let out = prefix(out, o * m);
-                gemm((o, m, ckk), out, (m, 1), false, w, (ckk, 1), cols, (m, 1));
-                to_examples(out, o, hw, Some(b), y);
+            let x = &x[r.start * chw..r.end * chw];
+            if !d.output_side() {
+                im2col(d, &table, x, cols);
+                with_scratch(|[out, ..]| {
+                    let out = prefix(out, o * m);
+                    gemm((o, m, ckk), out, (m, 1), false, w, (ckk, 1), cols, (m, 1));
+                    to_examples(out, o, hw, Some(b), y);
+                });
+                return;
+            }
+            im2col(d.pointwise(), &[], x, cols);
+            with_scratch(|[z, ..]| {
+                let z = prefix(z, kk * o * m);
+                gemm(
+                    (kk * o, m, c),
+                    z,
+                    (m, 1),
+                    false,
+                    &stacked,
+                    (c, 1),
+                    cols,
+                    (m, 1),
+                );
+                // y[o, p] = b[o] + Σ_s Z[(s, o), p + shift_s], taps outside the image
+                // (index H·W in the table) left out.
+                for (e, ex) in y.chunks_mut(o * hw).enumerate() {
+                    for (oo, plane) in ex.chunks_mut(hw).enumerate() {
+                        plane.fill(b[oo]);
+                        for (s, tap) in taps.chunks(hw).enumerate() {
+                            let row = &z[(s * o + oo) * m + e * hw..][..hw];
+                            for (dst, &q) in plane.iter_mut().zip(tap) {
+                                if let Some(v) = row.get(q as usize) {
+                                    *dst += v;
+                                }
+                            }
+                        }
+                    }
+                }
             });
         });
-        if d.n * ckk * hw <= KEEP_COLUMNS {
+        if d.n * d.kept_rows() * hw <= KEEP_COLUMNS {
             *self.saved.lock().expect("never poisoned") = Some((split, cols));
         } else {
             recycle(cols);
@@ -464,7 +527,7 @@ impl CustomOp3 for ConvSameGrad {
             }
         };
         // dx by the transposed convolution when dY has fewer channels than x.
-        let transposed = k > 1 && o < c;
+        let transposed = d.output_side();
         let flipped_dims = Dims { c: o, o: c, ..d };
         let (flipped_table, flipped) = if transposed {
             let mut wf = vec![0f32; c * o * k * k];
@@ -495,23 +558,53 @@ impl CustomOp3 for ConvSameGrad {
             let r = split.range(t, d.n);
             let m = r.len() * hw;
             let dy = &dy[r.start * ohw..r.end * ohw];
-            if cols.len() != ckk * m {
-                im2col(d, &table, &x[r.start * chw..r.end * chw], cols);
+            if cols.len() != d.kept_rows() * m {
+                let x = &x[r.start * chw..r.end * chw];
+                match transposed {
+                    true => im2col(d.pointwise(), &[], x, cols),
+                    false => im2col(d, &table, x, cols),
+                }
             }
             with_scratch(|[g, gc, gcols]| {
                 // dY as a matrix [O, m·H·W], the layout of the columns.
-                im2col(Dims { c: o, k: 1, ..d }, &[], dy, g);
+                im2col(
+                    Dims {
+                        c: o,
+                        ..d.pointwise()
+                    },
+                    &[],
+                    dy,
+                    g,
+                );
                 let (dw, db) = acc.split_at_mut(o * ckk);
-                // dW[O×CKK] = g · colsᵀ (colsᵀ's (i, j) is cols[j·m + i]), stored
-                // column-major (dw[j·O + i]): the GEMM then packs the small g, not the
-                // columns, and the sum below lays it out row-major.
-                gemm((o, ckk, m), dw, (1, o), false, g, (m, 1), cols, (1, m));
                 for (s, row) in db.iter_mut().zip(g.chunks(m.max(1))) {
                     *s = row.iter().sum();
                 }
                 if transposed {
                     let okk = o * k * k;
                     im2col(flipped_dims, &flipped_table, dy, gcols);
+                    // dW[o, c, a, b] = Σ_q dY[o, q − (a, b) + pad]·x[c, q]: the flipped
+                    // gather's row (o, k−1−a, k−1−b) times x. G = gcols·xᵀ, stored
+                    // column-major (G[c·O·k² + row]) like dW below.
+                    let kk = k * k;
+                    let g2 = prefix(gc, okk * c);
+                    gemm(
+                        (okk, c, m),
+                        g2,
+                        (1, okk),
+                        false,
+                        gcols,
+                        (m, 1),
+                        cols,
+                        (1, m),
+                    );
+                    for ci in 0..c {
+                        for oo in 0..o {
+                            for a in 0..kk {
+                                dw[(ci * kk + a) * o + oo] = g2[ci * okk + oo * kk + kk - 1 - a];
+                            }
+                        }
+                    }
                     let t = prefix(gc, c * m);
                     gemm(
                         (c, m, okk),
@@ -526,6 +619,10 @@ impl CustomOp3 for ConvSameGrad {
                     to_examples(t, c, hw, None, dx);
                     return;
                 }
+                // dW[O×CKK] = g · colsᵀ (colsᵀ's (i, j) is cols[j·m + i]), stored
+                // column-major (dw[j·O + i]): the GEMM then packs the small g, not the
+                // columns, and the sum below lays it out row-major.
+                gemm((o, ckk, m), dw, (1, o), false, g, (m, 1), cols, (1, m));
                 // The columns' gradient Wᵀ·g (Wᵀ's (i, j) is w[j·CKK + i]).
                 let gc = prefix(gc, ckk * m);
                 gemm((ckk, m, o), gc, (m, 1), false, w, (1, ckk), g, (m, 1));
