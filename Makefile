@@ -121,6 +121,7 @@ bench: ort data test-venv
 	$(CARGO) bench --bench oip -- --seconds 3 --rounds 3 --out BENCHMARKS.md
 	scripts/bench-anomaly.sh $(FLOWTRAIN) target/release/flowserve BENCHMARKS.md
 	scripts/bench-zuko.sh $(FLOWTRAIN) BENCHMARKS.md
+	scripts/bench-image.sh $(FLOWTRAIN) BENCHMARKS.md
 	scripts/reliability.sh BENCHMARKS.md
 
 clean:
