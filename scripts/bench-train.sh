@@ -96,8 +96,9 @@ for c in cmds:
     rows.append(f'| {label} | {s["dataset"]} | {s["features"]} | {s["parameters"]:,} | {s["steps"]} ({s["best_step"]}) '
                 f'| {s["train_seconds"]:.0f} | {s["median_step_ms"]:.2f} | {1000 / s["median_step_ms"]:.1f} | {s["validation_nll"]:.3f} | {s["test_nll"]:.3f} | {ens} | {bpd} |')
 head = f"""Measured {datetime.date.today()} at commit `{rev}` on {os.cpu_count()} cores ({cpu}), with `make bench`
-(`scripts/bench-train.sh`). candle on CPU, one thread (`RAYON_NUM_THREADS=1`, flowtrain's default: the
-second thread mostly spun and was slower at these sizes). NLL is in nats per example on held-out data;
+(`scripts/bench-train.sh`). candle on CPU with flowtrain's default threads: one for rows flows (the
+second thread mostly spun and was slower at these sizes); image flows time 1 and all the cores on
+their first steps and keep the faster. NLL is in nats per example on held-out data;
 discrete columns are dequantised (uniform noise of one grid step); digits' bits/dim are per pixel on the
 0–16 scale. Steps/s is 1 / the median step time (this machine is shared and noisy; the median of
 thousands of steps is what we trust). Early stopping on validation NLL, best state restored."""

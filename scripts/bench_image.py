@@ -3,7 +3,8 @@
 Two models, both on 8x8 digits (L = 2 levels, width 32, batch 256, the recipe of
 scripts/bench_image_torch.py, which is flowtrain's): Glow with K = 4 steps per level and the
 multi-scale RealNVP with K = 2. Two measurements, each at 1 and at 2 threads
-(`RAYON_NUM_THREADS` for flowtrain, `torch.set_num_threads` and OMP/MKL for PyTorch):
+(`flowtrain train --threads`, `torch.set_num_threads` and OMP/MKL for PyTorch), and
+flowtrain once more with no thread count, to show which it picks:
 
 - speed: rounds that alternate the systems (flowtrain, PyTorch, flowtrain, ...), each run
   `--steps` steps; its figure is its median step time (a step draws the batch, runs forward
@@ -37,12 +38,16 @@ COMMON = ["--levels", "2", "--hidden", "32", "--seed", "0"]
 
 
 def flowtrain(binary, work, family, layers, threads, steps, eval_every):
-    out = os.path.join(work, f"flowtrain-{family}-t{threads}-{steps}")
+    """A flowtrain run's summary.json; `threads` None lets flowtrain choose."""
+    out = os.path.join(work, f"flowtrain-{family}-t{threads or 'auto'}-{steps}")
     cmd = [binary, "train", "--family", family, "--data", "digits", "--layers", str(layers),
            "--steps", str(steps), "--eval-every", str(eval_every), "--patience", "0",
            *COMMON, "--quiet", "--fresh", "--out", out]
-    subprocess.run(cmd, check=True, capture_output=True,
-                   env=dict(os.environ, RAYON_NUM_THREADS=str(threads)))
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAYON_NUM_THREADS", "FLOWTRAIN_THREADS")}
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
     with open(os.path.join(out, "summary.json")) as f:
         return json.load(f)
 
@@ -83,6 +88,8 @@ def main():
                       + ", ".join(f"{sy} {ms[(name, threads, sy)][-1]:.1f} ms" for sy in systems),
                       file=sys.stderr)
     median = {k: float(np.median(v)) for k, v in ms.items()}
+    auto = {name: flowtrain(args.flowtrain, args.work, family, layers, None, steps, steps)
+            for name, family, layers, steps in MODELS}
     timed = {}
     for name, family, layers, _ in MODELS:
         for threads in (1, 2):
@@ -130,7 +137,11 @@ def main():
                 f"{ta['steps']} / {tb['steps']} ({ta['train_seconds']:.0f} s / "
                 f"{tb['train_seconds']:.0f} s) | {params[(name, 'flowtrain')]:,} / "
                 f"{params[(name, 'PyTorch')]:,} |")
-    lines += ["", "Every speed run (ms/step, in the order taken):", ""]
+    lines += ["", "With no `--threads`, flowtrain timed its first steps on 1 thread and on all "
+              "the cores and kept: " + "; ".join(
+                  f"{name} {s['threads']} thread(s) ({s['median_step_ms']:.1f} ms/step)"
+                  for name, s in auto.items()) + ".",
+              "", "Every speed run (ms/step, in the order taken):", ""]
     for name, _, _, _ in MODELS:
         for threads in (1, 2):
             runs = " · ".join(

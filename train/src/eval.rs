@@ -18,9 +18,9 @@ pub fn to_tensor(values: Vec<f32>, dim: usize) -> candle_core::Result<Tensor> {
     Tensor::from_vec(values, (n, dim), &Device::Cpu)
 }
 
-/// Elements per evaluation chunk: image flows hold `hidden` channels per pixel in every
-/// coupling network, so whole test sets at once would take gigabytes.
-const EVAL_CHUNK_ELEMENTS: usize = 1 << 18;
+/// Values per evaluation or sampling chunk: image flows hold `hidden` channels per pixel in
+/// every coupling network, so whole test sets at once would take gigabytes.
+pub const CHUNK_ELEMENTS: usize = 1 << 18;
 
 /// log p of every row of `values` (row-major, `flow.dim` per row), in chunks, averaged over
 /// `ensemble` mask sets; a conditional flow's rows are conditioned on `context`
@@ -31,7 +31,7 @@ pub fn log_prob_rows(
     context: &[f32],
     ensemble: usize,
 ) -> Result<Vec<f32>> {
-    let rows = (EVAL_CHUNK_ELEMENTS / flow.dim).clamp(1, 4096);
+    let rows = (CHUNK_ELEMENTS / flow.dim).clamp(1, 4096);
     let cw = flow.context_width();
     let n = values.len() / flow.dim;
     anyhow::ensure!(

@@ -27,4 +27,5 @@ pub mod pipeline;
 pub mod plot;
 pub mod runtime;
 pub mod seeds;
+pub mod threads;
 pub mod train;

@@ -208,6 +208,11 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Threads for training (default, or 0: image flows time their first steps on 1 thread
+    /// and on all the cores and keep the faster; rows flows, whose small tensors gain nothing
+    /// from a second thread, use 1). RAYON_NUM_THREADS, if set, gives it too.
+    #[arg(long, env = "FLOWTRAIN_THREADS")]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -687,19 +692,7 @@ fn write_samples(out: &Path, ext: &str, names: &[String], x: &[f32], dim: usize)
     Ok(())
 }
 
-/// Small flows train fastest on one thread: candle's second thread mostly spins
-/// (measured: 244 vs 110-150 steps/s for a 2-D RealNVP on 2 cores). RAYON_NUM_THREADS
-/// overrides it. Setting it also stops candle from re-reading the cgroup files on every
-/// matrix product to count the CPUs.
-fn pin_thread_count() {
-    if std::env::var("RAYON_NUM_THREADS").map_or(true, |v| v.parse::<usize>().is_err()) {
-        // Single-threaded here: nothing else reads the environment concurrently.
-        std::env::set_var("RAYON_NUM_THREADS", "1");
-    }
-}
-
 fn main() -> ExitCode {
-    pin_thread_count();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -725,6 +718,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Still one thread here: the environment can be set.
+    flowtrain::threads::init(match &cli.command {
+        Command::Train(a) => a.threads,
+        _ => None,
+    });
     let result = match cli.command {
         Command::Train(a) => train(*a),
         Command::Eval(a) => eval(a),

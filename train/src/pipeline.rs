@@ -245,6 +245,7 @@ pub fn train_and_export(
         best_step: outcome.best_step,
         stopped_early: outcome.stopped_early,
         median_step_ms: outcome.median_step_seconds * 1e3,
+        threads: outcome.threads,
         train_seconds: outcome.train_seconds,
         validation_nll,
         teacher: config.train.teacher.as_deref(),
@@ -288,6 +289,8 @@ struct Report<'a> {
     best_step: u64,
     stopped_early: bool,
     median_step_ms: f64,
+    /// The threads training ran on (given, or chosen by timing its first steps).
+    threads: usize,
     train_seconds: f64,
     validation_nll: f64,
     teacher: Option<&'a str>,

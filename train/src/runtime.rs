@@ -67,27 +67,43 @@ impl PackageRunner {
         Ok((lp, out.next()))
     }
 
-    /// log_prob of row-major `x` given `context`, run in chunks of 4096 rows.
+    /// log_prob of row-major `x` given `context`, run in chunks.
     pub fn log_prob(&mut self, x: &[f32], context: &[f32]) -> Result<Vec<f32>> {
-        const ROWS: usize = 4096;
+        self.chunked(x, context, |r, x, c| Ok(r.encode(x, c)?.1))
+    }
+
+    /// `f(self, rows, their context)` over chunks of the rows (row-major, one event each)
+    /// of [`crate::eval::CHUNK_ELEMENTS`] values at most (4096 rows at most), the results
+    /// joined: image flows' coupling networks hold `hidden` values per pixel, so whole
+    /// sets at once would take gigabytes.
+    fn chunked(
+        &mut self,
+        rows: &[f32],
+        context: &[f32],
+        f: impl Fn(&mut Self, &[f32], &[f32]) -> Result<Vec<f32>>,
+    ) -> Result<Vec<f32>> {
         let (d, cw) = (self.package.event_size(), self.context_width());
-        let n = x.len() / d;
+        let n = rows.len() / d;
         anyhow::ensure!(
             context.len() == n * cw,
             "{} context values for {n} rows of a package taking {cw} per row",
             context.len()
         );
-        let mut lp = Vec::with_capacity(n);
-        for (i, chunk) in x.chunks(ROWS * d).enumerate() {
+        let per = (crate::eval::CHUNK_ELEMENTS / d).clamp(1, 4096);
+        let mut out = Vec::with_capacity(rows.len());
+        for (i, chunk) in rows.chunks(per * d).enumerate() {
             let m = chunk.len() / d;
-            let c = &context[i * ROWS * cw..(i * ROWS + m) * cw];
-            lp.extend(self.encode(chunk, c)?.1);
+            out.extend(f(self, chunk, &context[i * per * cw..(i * per + m) * cw])?);
         }
-        Ok(lp)
+        Ok(out)
     }
 
-    /// `x` for row-major `z` given `context`.
+    /// `x` for row-major `z` given `context`, run in chunks.
     pub fn decode(&mut self, z: &[f32], context: &[f32]) -> Result<Vec<f32>> {
-        Ok(run(&mut self.decode, z, context)?.remove(0))
+        self.chunked(
+            z,
+            context,
+            |r, z, c| Ok(run(&mut r.decode, z, c)?.remove(0)),
+        )
     }
 }

@@ -23,6 +23,7 @@ use crate::flows::Flow;
 use crate::objective::Objective;
 use crate::optim::{learning_rate, Adam};
 use crate::params::Params;
+use crate::threads::Trial;
 
 /// Consecutive skipped steps after which training gives up.
 const MAX_CONSECUTIVE_SKIPS: u64 = 20;
@@ -91,6 +92,8 @@ pub struct Outcome {
     pub train_seconds: f64,
     /// Median wall time of one optimiser step in this invocation (robust to a noisy machine).
     pub median_step_seconds: f64,
+    /// The threads the steps ran on at the end (given, or chosen by timing).
+    pub threads: usize,
     /// Whether this invocation resumed from a checkpoint.
     pub resumed_from: Option<u64>,
     /// Every metrics record of the run, in order.
@@ -389,6 +392,7 @@ impl<'r, 'a> Trainer<'r, 'a> {
                 || (s.finished && s.step < self.run.config.train.steps),
             nan_skips: s.nan_skips,
             train_seconds: s.train_seconds,
+            threads: crate::threads::current(),
             resumed_from: self.resumed_from,
             history: self.history,
         })
@@ -401,11 +405,25 @@ pub fn train(run: &Run) -> Result<Outcome> {
     let mut t = Trainer::resume_or_new(run)?;
     let mut objective = run.objective();
     let seed = run.config.train.seed;
+    let mut trial = Trial::new(run.data.image.is_some(), run.config.train.steps);
     while let Some(step) = t.next_step() {
+        trial.before_step();
         let started = Instant::now();
         let mask_set = run.config.model.mask_set(step);
         let loss = objective.loss(run.flow, seed, step, mask_set)?;
         t.apply(loss, started)?;
+        let took = t.step_times.last().copied().unwrap_or(f64::NAN);
+        if let Some(n) = trial.after_step(took) {
+            let timed: Vec<String> = trial
+                .medians()
+                .iter()
+                .map(|(n, s)| format!("{n}: {:.1} ms", s * 1e3))
+                .collect();
+            t.bar.println(format!(
+                "threads: {n} (median step on {})",
+                timed.join(", ")
+            ));
+        }
         if t.due_validation() {
             t.validate(&objective)?;
         }
