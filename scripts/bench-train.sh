@@ -44,6 +44,8 @@ IMAGE="--levels 2 --hidden 32 --seed 0 --quiet --fresh"
 I+=("train --family glow --data digits --layers 4 --steps 3000 --eval-every 100 --patience 5 $IMAGE --out $RUNS/glow-digits")
 I+=("train --family realnvp_image --data digits --layers 2 --steps 1500 --eval-every 100 --patience 5 $IMAGE --out $RUNS/realnvp-image-digits")
 I+=("train --family glow --data mnist --layers 4 --batch-size 64 --steps 2000 --eval-every 250 --patience 4 $IMAGE --out $RUNS/glow-mnist")
+# The Glow that draws: wider (128) and deeper (K = 8) on Fashion-MNIST's 60,000 images.
+I+=("train --family glow --data fashion_mnist --layers 8 --hidden 128 --levels 2 --batch-size 64 --steps 4000 --eval-every 500 --patience 0 --seed 0 --quiet --fresh --out $RUNS/glow-fashion-mnist")
 for family in nice realnvp; do
   C+=("train --family $family --data moons --steps 5000 $COUPLING --out $RUNS/$family-moons")
   C+=("train --family $family --data wine --steps 5000 --eval-every 50 --patience 20 $COUPLING --out $RUNS/$family-wine")
@@ -60,6 +62,13 @@ done
 run_group() {
   local name=$1; shift
   for c in "$@"; do
+    local dir=${c#*--out }
+    dir=${dir%% *}
+    # REUSE=1 keeps runs that finished before (to redraw a table), others train again.
+    if [ -n "${REUSE:-}" ] && [ -f "$dir/summary.json" ]; then
+      echo "== reusing $dir"
+      continue
+    fi
     echo "== flowtrain $c"
     # shellcheck disable=SC2086
     "$FLOWTRAIN" $c
@@ -182,7 +191,7 @@ PY
 }
 
 grids() { # sample grids at three temperatures for each image run
-  for run in glow-digits glow-mnist; do
+  for run in glow-digits glow-mnist glow-fashion-mnist; do
     [ -f "$RUNS/$run/flow.json" ] || continue
     for t in 0.5 0.7 1.0; do
       "$FLOWTRAIN" sample --model "$RUNS/$run" -n 64 --temperature "$t" --seed 7 --out "docs/$run-t$t.png"

@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::nn::channel_matmul;
+use crate::parallel::{on_pool, pieces, Split};
 
 /// `x[N, C, H, W]` convolved with `w[O, C, k, k]` (k odd, zero padding k/2) plus the bias
 /// `b[O]` per output channel: `[N, O, H, W]`. Differentiable in all three. float32 on the
@@ -210,61 +211,6 @@ fn gemm(
             gemm::Parallelism::None,
         );
     }
-}
-
-/// How a call splits its batch: `chunks` runs of `per` examples (the last one shorter), one
-/// per thread of candle's count, each a single GEMM over all its examples' pixels.
-#[derive(Clone, Copy, Debug)]
-struct Split {
-    per: usize,
-    chunks: usize,
-}
-
-impl Split {
-    fn of(n: usize) -> Split {
-        let threads = candle_core::utils::get_num_threads().clamp(1, n.max(1));
-        let per = n.div_ceil(threads).max(1);
-        Split {
-            per,
-            chunks: n.div_ceil(per),
-        }
-    }
-
-    /// The examples of chunk `t`.
-    fn range(&self, t: usize, n: usize) -> std::ops::Range<usize> {
-        (t * self.per).min(n)..((t + 1) * self.per).min(n)
-    }
-}
-
-/// Runs `f(t, item t)` for every item on candle's persistent thread pool (its workers and
-/// this thread, each taking the next item until none is left): no threads are started per
-/// call, and one item runs on this thread alone.
-fn on_pool<T: Send, F: Fn(usize, T) + Sync>(items: Vec<T>, f: F) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    if items.len() <= 1 {
-        items
-            .into_iter()
-            .enumerate()
-            .for_each(|(t, item)| f(t, item));
-        return;
-    }
-    let items: Vec<Mutex<Option<T>>> = items.into_iter().map(|i| Mutex::new(Some(i))).collect();
-    let next = AtomicUsize::new(0);
-    candle_core::utils::barrier_pool().execute(|_| loop {
-        let t = next.fetch_add(1, Ordering::Relaxed);
-        let Some(item) = items.get(t) else { break };
-        // Each item is taken once: the lock is never contended.
-        let item = item.lock().expect("never poisoned").take();
-        f(t, item.expect("taken once"));
-    });
-}
-
-/// Splits `v` into consecutive pieces of `len` elements each (the last shorter).
-fn pieces(v: &mut [f32], len: usize) -> Vec<&mut [f32]> {
-    if len == 0 {
-        return Vec::new();
-    }
-    v.chunks_mut(len).collect()
 }
 
 /// The im2col matrix `[C·k·k, m·H·W]` of `m` examples `x[m, C, H, W]`, written into `cols`

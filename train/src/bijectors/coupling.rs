@@ -448,6 +448,15 @@ impl Bijector for Coupling {
         let (kept, moved) = self.part.split(x)?;
         let c = cx.context_for(self.context, x.dim(0)?)?;
         let h = self.net.forward(&self.part.with_context(&kept, c)?)?;
+        // Glow's map on float32 images: one fused op each way (crate::fused).
+        if let (Partition::Image { moved: mask, .. }, Elementwise::SigmoidAffine) =
+            (&self.part, self.map)
+        {
+            if x.dtype() == candle_core::DType::F32 && x.device().is_cpu() {
+                let mask = mask.flatten_all()?.to_vec1::<f32>()?;
+                return crate::fused::image_sigmoid_affine(x, &h, &mask);
+            }
+        }
         let (y, log_scale) = self.map.forward(&moved, &h)?;
         let ld = match log_scale {
             Some(ls) => self.part.log_det(&ls)?,
