@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::nn::channel_matmul;
-use crate::parallel::{on_pool, pieces, Split};
+use crate::parallel::{on_pool, pieces, values, Split};
 
 /// `x[N, C, H, W]` convolved with `w[O, C, k, k]` (k odd, zero padding k/2) plus the bias
 /// `b[O]` per output channel: `[N, O, H, W]`. Differentiable in all three. float32 on the
@@ -125,14 +125,6 @@ impl Dims {
     /// The same sizes with a 1×1 kernel (im2col is then a transpose).
     fn pointwise(&self) -> Dims {
         Dims { k: 1, ..*self }
-    }
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let all = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("conv_same: a non-contiguous argument"),
     }
 }
 
@@ -328,7 +320,11 @@ impl CustomOp3 for ConvSame {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1, l2, self.k)?;
-        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (x, w, b) = (
+            values(s1, l1, "conv_same")?,
+            values(s2, l2, "conv_same")?,
+            values(s3, l3, "conv_same")?,
+        );
         if b.len() != d.o {
             candle_core::bail!("conv_same: {} biases for {} outputs", b.len(), d.o);
         }
@@ -461,7 +457,11 @@ impl CustomOp3 for ConvSameGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = Dims::of(l2, l3, self.k)?;
-        let (dy, x, w) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (dy, x, w) = (
+            values(s1, l1, "conv_same")?,
+            values(s2, l2, "conv_same")?,
+            values(s3, l3, "conv_same")?,
+        );
         let (hw, ckk, o, c, k) = (d.hw(), d.ckk(), d.o, d.c, d.k);
         let (chw, ohw) = (c * hw, o * hw);
         let table = gather_table(d);

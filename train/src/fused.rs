@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::parallel::{on_pool, pieces, Split};
+use crate::parallel::{on_pool, pieces, values, Split};
 
 /// `(y, log|det| per example)` of Glow's affine coupling for `x[N, C, H, W]`, conditioner
 /// output `h[N, 2C, H, W]` and the mask `moved[C·H·W]` (1 where the map applies). float32
@@ -27,14 +27,6 @@ pub fn image_sigmoid_affine(x: &Tensor, h: &Tensor, moved: &[f32]) -> Result<(Te
     )?;
     let ld = h.apply_op1(LogDet { moved })?;
     Ok((y, ld))
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let all = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("fused coupling: a non-contiguous argument"),
-    }
 }
 
 fn sigmoid(u: f32) -> f32 {
@@ -83,7 +75,10 @@ impl CustomOp2 for Map {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, per) = sizes(l1, l2, &self.moved)?;
-        let (x, h) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (x, h) = (
+            values(s1, l1, "fused coupling")?,
+            values(s2, l2, "fused coupling")?,
+        );
         let mut y = vec![0f32; x.len()];
         let split = Split::of(n);
         on_pool(pieces(&mut y, split.per * per), |t, y| {
@@ -148,7 +143,11 @@ impl CustomOp3 for MapGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, per) = sizes(l2, l3, &self.moved)?;
-        let (dy, x, h) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (dy, x, h) = (
+            values(s1, l1, "fused coupling")?,
+            values(s2, l2, "fused coupling")?,
+            values(s3, l3, "fused coupling")?,
+        );
         let mut out = vec![0f32; 3 * n * per];
         let (dx, dh) = out.split_at_mut(n * per);
         let split = Split::of(n);
@@ -190,7 +189,7 @@ impl CustomOp1 for LogDet {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let h = slice(s, l)?;
+        let h = values(s, l, "fused coupling")?;
         let per = self.moved.len();
         let n = h.len() / (2 * per).max(1);
         let ld: Vec<f32> = h
@@ -235,7 +234,10 @@ impl CustomOp2 for LogDetGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (dld, h) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (dld, h) = (
+            values(s1, l1, "fused coupling")?,
+            values(s2, l2, "fused coupling")?,
+        );
         let per = self.moved.len();
         let mut dh = vec![0f32; h.len()];
         for ((dh, h), &g) in dh.chunks_mut(2 * per).zip(h.chunks(2 * per)).zip(dld) {

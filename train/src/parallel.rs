@@ -1,7 +1,19 @@
-//! Splitting a batch over the threads candle is given, on its persistent pool: the custom
-//! CPU ops (convolutions, fused couplings) run one chunk of examples per thread.
+//! What flowtrain's custom CPU ops (convolutions, fused couplings) share: their inputs as
+//! slices, and splitting a batch over the threads candle is given, on its persistent pool,
+//! one chunk of examples per thread.
 
 use std::sync::Mutex;
+
+use candle_core::{CpuStorage, Layout, Result};
+
+/// The float32 values of a contiguous op argument (`op` names the op in the error).
+pub(crate) fn values<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("{op}: a non-contiguous argument"),
+    }
+}
 
 /// How a call splits its batch: `chunks` runs of `per` examples (the last one shorter), one
 /// per thread of candle's count.

@@ -4,21 +4,11 @@
 //! both ways of computing dx (scatter-add, and the flipped-kernel convolution when there are
 //! fewer outputs than inputs), and the same answer on any number of threads.
 
-use candle_core::{DType, Device, Tensor, Var};
-use flowtrain::conv::{conv_same, conv_same_candle};
+mod common;
 
-/// Deterministic values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
+use candle_core::{DType, Device, Tensor, Var};
+use common::{flat, max_diff, uniform};
+use flowtrain::conv::{conv_same, conv_same_candle};
 
 /// y[n, o, i, j] = b[o] + Σ_c Σ_dy Σ_dx w[o, c, dy, dx] · x[n, c, i + dy − p, j + dx − p].
 fn direct(
@@ -57,24 +47,6 @@ fn direct(
     y
 }
 
-/// A tensor's values, row-major, as float32.
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// The shapes the tests use: Glow's 3×3 and 1×1 layers, a non-square image, a 5×5 kernel,
 /// more output channels than inputs (dx by scatter-add) and fewer (dx by the flipped kernel).
 /// (x's shape [N, C, H, W], output channels, kernel size).
@@ -93,9 +65,9 @@ fn the_custom_op_equals_a_direct_convolution() {
     let dev = Device::Cpu;
     for (i, &(shape, o, k)) in CASES.iter().enumerate() {
         let (n, c, h, wd) = shape;
-        let xv = values(n * c * h * wd, 1 + i as u64);
-        let wv = values(o * c * k * k, 100 + i as u64);
-        let bv = values(o, 300 + i as u64);
+        let xv = uniform(n * c * h * wd, 1 + i as u64, 1.0);
+        let wv = uniform(o * c * k * k, 100 + i as u64, 1.0);
+        let bv = uniform(o, 300 + i as u64, 1.0);
         let x = Tensor::from_vec(xv.clone(), shape, &dev).unwrap();
         let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
         let b = Tensor::from_vec(bv.clone(), o, &dev).unwrap();
@@ -139,9 +111,9 @@ fn grads(
     let x = Var::from_tensor(&Tensor::from_vec(xv.to_vec(), shape, &dev).unwrap()).unwrap();
     let w = Var::from_tensor(&Tensor::from_vec(wv.to_vec(), (o, shape.1, k, k), &dev).unwrap())
         .unwrap();
-    let b = Var::from_tensor(&Tensor::from_vec(values(o, 9), o, &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::from_vec(uniform(o, 9, 1.0), o, &dev).unwrap()).unwrap();
     let y = conv(x.as_tensor(), w.as_tensor(), b.as_tensor(), k).unwrap();
-    let r = Tensor::from_vec(values(y.elem_count(), 7), y.shape(), &dev).unwrap();
+    let r = Tensor::from_vec(uniform(y.elem_count(), 7, 1.0), y.shape(), &dev).unwrap();
     let loss = (y * r).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
     let grad = |v: &Var| flat(grads.get(v).unwrap());
@@ -152,8 +124,8 @@ fn grads(
 fn gradients_match_finite_differences_and_the_candle_autodiff() {
     for (i, &(shape, o, k)) in CASES.iter().enumerate() {
         let (n, c, h, wd) = shape;
-        let xv = values(n * c * h * wd, 11 + i as u64);
-        let wv = values(o * c * k * k, 200 + i as u64);
+        let xv = uniform(n * c * h * wd, 11 + i as u64, 1.0);
+        let wv = uniform(o * c * k * k, 200 + i as u64, 1.0);
         let (dx, dw, db) = grads(conv_same, &xv, &wv, shape, o, k);
         // Against candle's autodiff of the gather-and-matmul convolution: every element.
         let (dx_ref, dw_ref, db_ref) = grads(reference, &xv, &wv, shape, o, k);
@@ -168,7 +140,7 @@ fn gradients_match_finite_differences_and_the_candle_autodiff() {
             max_diff(&dw, &dw_ref)
         );
         // db[o] = Σ r over the examples and pixels of output o.
-        let r = values(n * o * h * wd, 7);
+        let r = uniform(n * o * h * wd, 7, 1.0);
         let db_sum: Vec<f32> = (0..o)
             .map(|oo| {
                 (0..n)
@@ -185,7 +157,7 @@ fn gradients_match_finite_differences_and_the_candle_autodiff() {
             "case {i}: db {db:?} vs {db_sum:?}"
         );
         // Against central differences of the loss, computed in f64 by the direct convolution.
-        let bv = values(o, 9);
+        let bv = uniform(o, 9, 1.0);
         let loss = |x: &[f32], w: &[f32]| -> f64 {
             direct(x, w, &bv, shape, o, k)
                 .iter()
@@ -232,11 +204,11 @@ fn gradients_match_finite_differences_and_the_candle_autodiff() {
 fn float64_takes_the_candle_path_with_the_same_result() {
     let dev = Device::Cpu;
     let ((n, c, h, wd), o, k) = CASES[0];
-    let xv = values(n * c * h * wd, 3);
-    let wv = values(o * c * k * k, 4);
+    let xv = uniform(n * c * h * wd, 3, 1.0);
+    let wv = uniform(o * c * k * k, 4, 1.0);
     let x = Tensor::from_vec(xv.clone(), (n, c, h, wd), &dev).unwrap();
     let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
-    let b = Tensor::from_vec(values(o, 5), o, &dev).unwrap();
+    let b = Tensor::from_vec(uniform(o, 5, 1.0), o, &dev).unwrap();
     let y32 = flat(&conv_same(&x, &w, &b, k).unwrap());
     let y64 = conv_same(
         &x.to_dtype(DType::F64).unwrap(),
@@ -254,14 +226,14 @@ fn any_number_of_threads_gives_the_same_answer() {
     // candle reads RAYON_NUM_THREADS at every call; this test has its own process (nextest).
     // dx by scatter-add (8 outputs from 4 channels) and by the flipped kernel (4 from 8).
     for ((n, c, h, wd), o, k) in [((7, 4, 4, 4), 8, 3), ((7, 8, 4, 4), 4, 3)] {
-        let xv = values(n * c * h * wd, 5);
-        let wv = values(o * c * k * k, 6);
+        let xv = uniform(n * c * h * wd, 5, 1.0);
+        let wv = uniform(o * c * k * k, 6, 1.0);
         let run = |threads: &str| {
             std::env::set_var("RAYON_NUM_THREADS", threads);
             let dev = Device::Cpu;
             let x = Tensor::from_vec(xv.clone(), (n, c, h, wd), &dev).unwrap();
             let w = Tensor::from_vec(wv.clone(), (o, c, k, k), &dev).unwrap();
-            let b = Tensor::from_vec(values(o, 8), o, &dev).unwrap();
+            let b = Tensor::from_vec(uniform(o, 8, 1.0), o, &dev).unwrap();
             let y = flat(&conv_same(&x, &w, &b, k).unwrap());
             let (dx, dw, db) = grads(conv_same, &xv, &wv, (n, c, h, wd), o, k);
             (y, dx, dw, db)

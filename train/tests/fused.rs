@@ -2,38 +2,11 @@
 //! gradients against the same map composed from candle ops (what the coupling computes in
 //! float64 and on other devices), and its gradients against central differences.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::{flat, max_diff, uniform};
 use flowtrain::fused::image_sigmoid_affine;
-
-/// Deterministic values in [-scale, scale).
-fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            scale * ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
-        })
-        .collect()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 /// The map from candle ops, as `Elementwise::SigmoidAffine` and the image partition do.
 fn composed(x: &Tensor, h: &Tensor, moved: &Tensor) -> (Tensor, Tensor) {
@@ -84,8 +57,8 @@ fn run(
     let h =
         Var::from_tensor(&Tensor::from_vec(hv.to_vec(), (n, 2 * c, hh, w), &dev).unwrap()).unwrap();
     let (y, ld) = f(x.as_tensor(), h.as_tensor(), mask);
-    let r = Tensor::from_vec(values(y.elem_count(), 5, 1.0), y.shape(), &dev).unwrap();
-    let q = Tensor::from_vec(values(n, 6, 1.0), n, &dev).unwrap();
+    let r = Tensor::from_vec(uniform(y.elem_count(), 5, 1.0), y.shape(), &dev).unwrap();
+    let q = Tensor::from_vec(uniform(n, 6, 1.0), n, &dev).unwrap();
     let loss =
         ((&y * &r).unwrap().sum_all().unwrap() + (&ld * &q).unwrap().sum_all().unwrap()).unwrap();
     let g = loss.backward().unwrap();
@@ -118,9 +91,9 @@ fn the_fused_map_equals_the_composed_one_in_values_and_gradients() {
         std::env::set_var("RAYON_NUM_THREADS", threads);
         let (n, c, h, w) = shape;
         for (m, mask) in masks(c, h, w).iter().enumerate() {
-            let xv = values(n * c * h * w, 1, 2.0);
+            let xv = uniform(n * c * h * w, 1, 2.0);
             // Scales from tiny to saturated sigmoids.
-            let hv = values(2 * n * c * h * w, 2, 6.0);
+            let hv = uniform(2 * n * c * h * w, 2, 6.0);
             let [y, ld, dx, dh] = run(&fused, &xv, &hv, shape, mask);
             let [y0, ld0, dx0, dh0] = run(&reference, &xv, &hv, shape, mask);
             let what = format!("{shape:?}, mask {m}");
@@ -159,8 +132,8 @@ fn gradients_match_central_differences() {
     let shape = (3, 4, 2, 2);
     let (n, c, h, w) = shape;
     let mask = &masks(c, h, w)[1];
-    let xv = values(n * c * h * w, 11, 2.0);
-    let hv = values(2 * n * c * h * w, 12, 3.0);
+    let xv = uniform(n * c * h * w, 11, 2.0);
+    let hv = uniform(2 * n * c * h * w, 12, 3.0);
     let [_, _, dx, dh] = run(&fused, &xv, &hv, shape, mask);
     let loss = |x: &[f32], hh: &[f32]| -> f64 {
         let dev = Device::Cpu;
@@ -177,11 +150,11 @@ fn gradients_match_central_differences() {
             .to_dtype(DType::F64)
             .unwrap();
         let (y, ld) = composed(&xt, &ht, &moved);
-        let r = Tensor::from_vec(values(y.elem_count(), 5, 1.0), y.shape(), &dev)
+        let r = Tensor::from_vec(uniform(y.elem_count(), 5, 1.0), y.shape(), &dev)
             .unwrap()
             .to_dtype(DType::F64)
             .unwrap();
-        let q = Tensor::from_vec(values(n, 6, 1.0), n, &dev)
+        let q = Tensor::from_vec(uniform(n, 6, 1.0), n, &dev)
             .unwrap()
             .to_dtype(DType::F64)
             .unwrap();

@@ -47,6 +47,26 @@ pub fn to_vec(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
+/// `n` values uniform in `[-scale, scale)`, seeded.
+pub fn uniform(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+/// A tensor of any float type, flattened to float32 values.
+pub fn flat(t: &Tensor) -> Vec<f32> {
+    to_vec(&t.to_dtype(DType::F32).unwrap())
+}
+
+/// max |a − b| over the elements.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// max |a - b| / (abs + rel·|b|); ≤ 1 means within tolerance.
 pub fn assert_close(a: &[f32], b: &[f32], abs: f32, rel: f32, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths differ");
