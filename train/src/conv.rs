@@ -294,6 +294,10 @@ fn prefix(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut v[..len]
 }
 
+/// The forward pass's columns, one matrix per chunk, and the split that made them, handed
+/// to the backward pass.
+type Saved = Mutex<Option<(Split, Vec<Vec<f32>>)>>;
+
 /// Largest im2col matrix (in floats) the forward pass keeps for the weight gradient; a
 /// larger one is gathered again in the backward pass.
 const KEEP_COLUMNS: usize = 1 << 24;
@@ -302,7 +306,7 @@ const KEEP_COLUMNS: usize = 1 << 24;
 struct ConvSame {
     k: usize,
     /// The columns of the forward pass, one matrix per chunk, and the split that made them.
-    saved: Mutex<Option<(Split, Vec<Vec<f32>>)>>,
+    saved: Saved,
 }
 
 impl CustomOp3 for ConvSame {
@@ -439,7 +443,7 @@ impl Drop for ConvSame {
 /// dY: fewer taps).
 struct ConvSameGrad {
     k: usize,
-    saved: Mutex<Option<(Split, Vec<Vec<f32>>)>>,
+    saved: Saved,
 }
 
 impl CustomOp3 for ConvSameGrad {

@@ -9,6 +9,8 @@
 //! `moved = 1 − keep` is the coupling's 0/1 mask of `[C, H, W]`. Each op reads its inputs once
 //! and writes its output once, in both directions; examples are split over candle's threads.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::parallel::{on_pool, pieces, values, Split};
@@ -18,7 +20,8 @@ use crate::parallel::{on_pool, pieces, values, Split};
 /// on the CPU; differentiable in `x` and `h`.
 pub fn image_sigmoid_affine(x: &Tensor, h: &Tensor, moved: &[f32]) -> Result<(Tensor, Tensor)> {
     let (x, h) = (x.contiguous()?, h.contiguous()?);
-    let moved = moved.to_vec();
+    // One copy of the mask, shared by both ops and their gradients.
+    let moved: Arc<[f32]> = moved.into();
     let y = x.apply_op2(
         &h,
         Map {
@@ -59,7 +62,7 @@ fn sizes(x: &Layout, h: &Layout, moved: &[f32]) -> Result<(usize, usize)> {
 
 /// `y` from `x` and `h`.
 struct Map {
-    moved: Vec<f32>,
+    moved: Arc<[f32]>,
 }
 
 impl CustomOp2 for Map {
@@ -125,7 +128,7 @@ impl CustomOp2 for Map {
 /// `dy`, `x`, `h` → `[dx | dh]`: where moved, dx = dy·σ, dt = dy·σ and
 /// ds = dy·(x + t)·σ·(1 − σ) with σ = σ(s + 2); elsewhere dx = dy and dh = 0.
 struct MapGrad {
-    moved: Vec<f32>,
+    moved: Arc<[f32]>,
 }
 
 impl CustomOp3 for MapGrad {
@@ -180,7 +183,7 @@ impl CustomOp3 for MapGrad {
 
 /// log|det| per example from `h`.
 struct LogDet {
-    moved: Vec<f32>,
+    moved: Arc<[f32]>,
 }
 
 impl CustomOp1 for LogDet {
@@ -219,7 +222,7 @@ impl CustomOp1 for LogDet {
 
 /// `dld`, `h` → `dh`: ds = dld·(1 − σ(s + 2)) where moved, dt = 0.
 struct LogDetGrad {
-    moved: Vec<f32>,
+    moved: Arc<[f32]>,
 }
 
 impl CustomOp2 for LogDetGrad {
