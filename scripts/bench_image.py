@@ -11,10 +11,14 @@ flowtrain once more with no thread count, to show which it picks:
   and backward and the Adam update), the table's the median over rounds;
 - quality at equal time: each system trains for the number of steps its measured speed fits
   into `--budget` seconds (so its cosine schedule ends there), validating every 100 steps with
-  the best state restored; the test bits/dim are on the same test images with the same fixed
-  dequantisation noise (`flowtrain splits`).
+  the best state restored, once for each of `--seeds` seeds (initialisation, batches and
+  noise; the split stays seed 0's: `flowtrain train --split-seed 0`); the test bits/dim are
+  on the same test images with the same fixed dequantisation noise (`flowtrain splits`),
+  and the table gives their mean over the seeds. These runs train a fixed number of steps,
+  so only the speed rounds need the machine to themselves.
 
 Usage: bench_image.py FLOWTRAIN WORKDIR [--out BENCHMARKS.md] [--rounds 3] [--budget 150]
+       [--seeds 3]
 """
 
 import argparse
@@ -34,15 +38,16 @@ MODELS = [
     ("Glow", "glow", 4, 300),
     ("multi-scale RealNVP", "realnvp_image", 2, 200),
 ]
-COMMON = ["--levels", "2", "--hidden", "32", "--seed", "0"]
+COMMON = ["--levels", "2", "--hidden", "32"]
 
 
-def flowtrain(binary, work, family, layers, threads, steps, eval_every):
+def flowtrain(binary, work, family, layers, threads, steps, eval_every, seed=0):
     """A flowtrain run's summary.json; `threads` None lets flowtrain choose."""
-    out = os.path.join(work, f"flowtrain-{family}-t{threads or 'auto'}-{steps}")
+    out = os.path.join(work, f"flowtrain-{family}-t{threads or 'auto'}-{steps}-s{seed}")
     cmd = [binary, "train", "--family", family, "--data", "digits", "--layers", str(layers),
            "--steps", str(steps), "--eval-every", str(eval_every), "--patience", "0",
-           *COMMON, "--quiet", "--fresh", "--out", out]
+           *COMMON, "--seed", str(seed), "--split-seed", "0", "--quiet", "--fresh",
+           "--out", out]
     if threads:
         cmd += ["--threads", str(threads)]
     env = {k: v for k, v in os.environ.items()
@@ -52,11 +57,12 @@ def flowtrain(binary, work, family, layers, threads, steps, eval_every):
         return json.load(f)
 
 
-def pytorch(splits, work, family, layers, threads, steps, eval_every):
-    out = os.path.join(work, f"pytorch-{family}-t{threads}-{steps}.json")
+def pytorch(splits, work, family, layers, threads, steps, eval_every, seed=0):
+    out = os.path.join(work, f"pytorch-{family}-t{threads}-{steps}-s{seed}.json")
     cmd = [sys.executable, os.path.join(HERE, "bench_image_torch.py"), splits, "--family",
            family, "--layers", str(layers), "--steps", str(steps), "--eval-every",
-           str(eval_every), "--threads", str(threads), *COMMON, "--out", out]
+           str(eval_every), "--threads", str(threads), *COMMON, "--seed", str(seed),
+           "--out", out]
     subprocess.run(cmd, check=True, capture_output=True)
     with open(out) as f:
         return json.load(f)
@@ -69,6 +75,7 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=float, default=150.0)
+    ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     splits = os.path.join(args.work, "splits")
@@ -90,16 +97,18 @@ def main():
     median = {k: float(np.median(v)) for k, v in ms.items()}
     auto = {name: flowtrain(args.flowtrain, args.work, family, layers, None, steps, steps)
             for name, family, layers, steps in MODELS}
-    timed = {}
+    timed = {}  # (model, threads, system) -> the runs' summaries, one per seed
     for name, family, layers, _ in MODELS:
         for threads in (1, 2):
-            for system, run in systems.items():
-                steps = max(100, int(args.budget * 1e3 / median[(name, threads, system)]) // 100 * 100)
-                s = run(family, layers, threads, steps, 100)
-                timed[(name, threads, system)] = s
-                print(f"{name} {threads} thread(s) {system}: {steps} steps in "
-                      f"{s['train_seconds']:.0f} s, test {s['test_bits_per_dim']:.4f} bits/dim",
-                      file=sys.stderr)
+            for seed in range(args.seeds):
+                for system, run in systems.items():
+                    ms_step = median[(name, threads, system)]
+                    steps = max(100, int(args.budget * 1e3 / ms_step) // 100 * 100)
+                    s = run(family, layers, threads, steps, 100, seed)
+                    timed.setdefault((name, threads, system), []).append(s)
+                    print(f"{name} {threads} thread(s) {system} seed {seed}: {steps} steps, "
+                          f"test {s['test_bits_per_dim']:.4f} bits/dim", file=sys.stderr)
+    mean_bpd = {k: float(np.mean([s["test_bits_per_dim"] for s in v])) for k, v in timed.items()}
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
     import torch  # noqa: E402 (the venv's, for its version)
@@ -119,27 +128,29 @@ def main():
         "(flowtrain, PyTorch, flowtrain, ...). At equal time each system trains the steps its "
         f"measured speed fits into {args.budget:.0f} s (its cosine schedule ends there), "
         "validating every 100 steps with the best state restored, and is scored on the same "
-        "test images with the same fixed dequantisation noise (`flowtrain splits`). The "
-        "machine is shared: single runs vary by ±20 %, so read the ratios, not the times. "
-        "Digits are 1,437 training and 180 test images: both systems overfit past a few "
-        "thousand steps, and the best state is picked on 180 validation images, so test "
-        "bits/dim differ by a few hundredths from run to run (PyTorch's seeds 0–2 gave "
-        "2.117–2.133 at equal steps in the review of this comparison).",
+        "test images with the same fixed dequantisation noise (`flowtrain splits`); it does "
+        f"so for {args.seeds} seeds (initialisation, batches, noise) on the same split, and "
+        "the table gives the mean. Digits are 1,437 training and 180 test images: both systems "
+        "overfit past a few thousand steps, and the best state is picked on 180 validation "
+        "images, so one seed's test bits/dim differ by a few hundredths from another's (listed "
+        "below). `--threads 1` is one thread on both sides (flowtrain sizes candle's pool to "
+        "it). The machine is shared: single runs vary by ±20 %, so read the ratios, not the "
+        "times.",
         "",
         "| model | threads | flowtrain ms/step | PyTorch ms/step | flowtrain / PyTorch steps/s "
-        "| test bits/dim at equal time: flowtrain | PyTorch | steps (flowtrain / PyTorch) "
-        "| parameters |",
+        f"| test bits/dim at equal time, mean of {args.seeds} seeds: flowtrain | PyTorch "
+        "| steps (flowtrain / PyTorch) | parameters |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, _, _, _ in MODELS:
         for threads in (1, 2):
             a, b = median[(name, threads, "flowtrain")], median[(name, threads, "PyTorch")]
-            ta, tb = timed[(name, threads, "flowtrain")], timed[(name, threads, "PyTorch")]
+            ta, tb = timed[(name, threads, "flowtrain")][0], timed[(name, threads, "PyTorch")][0]
+            fa, fb = mean_bpd[(name, threads, "flowtrain")], mean_bpd[(name, threads, "PyTorch")]
             lines.append(
                 f"| {name} | {threads} | {a:.1f} | {b:.1f} | **{b / a:.2f}×** | "
-                f"{ta['test_bits_per_dim']:.4f} | {tb['test_bits_per_dim']:.4f} | "
-                f"{ta['steps']} / {tb['steps']} ({ta['train_seconds']:.0f} s / "
-                f"{tb['train_seconds']:.0f} s) | {params[(name, 'flowtrain')]:,} / "
+                f"{'**' if fa <= fb else ''}{fa:.4f}{'**' if fa <= fb else ''} | {fb:.4f} | "
+                f"{ta['steps']} / {tb['steps']} | {params[(name, 'flowtrain')]:,} / "
                 f"{params[(name, 'PyTorch')]:,} |")
     lines += ["", "With no `--threads`, flowtrain timed its first steps on 1 thread and on all "
               "the cores and kept: " + "; ".join(
@@ -150,6 +161,14 @@ def main():
         for threads in (1, 2):
             runs = " · ".join(
                 f"{sy} " + ", ".join(f"{v:.1f}" for v in ms[(name, threads, sy)]) for sy in systems)
+            lines.append(f"- {name}, {threads} thread(s): {runs}")
+    lines += ["", "Test bits/dim of every equal-time run, seed by seed (best step in brackets):",
+              ""]
+    for name, _, _, _ in MODELS:
+        for threads in (1, 2):
+            runs = " · ".join(
+                f"{sy} " + ", ".join(f"{s['test_bits_per_dim']:.4f} ({s['best_step']})"
+                                     for s in timed[(name, threads, sy)]) for sy in systems)
             lines.append(f"- {name}, {threads} thread(s): {runs}")
     section = "\n".join(lines) + "\n"
     print(section)

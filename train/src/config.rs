@@ -328,6 +328,10 @@ pub struct DataConfig {
     pub test_fraction: f64,
     /// Training points drawn from a 2-D toy density (validation and test get a fifth each).
     pub toy_samples: usize,
+    /// Seed of the split into training, validation and test rows and of the validation
+    /// rows' fixed dequantisation noise (default: the training seed). Fix it to compare
+    /// training seeds on the same rows.
+    pub split_seed: Option<u64>,
 }
 
 impl Default for DataConfig {
@@ -342,6 +346,7 @@ impl Default for DataConfig {
             val_fraction: 0.1,
             test_fraction: 0.1,
             toy_samples: 20_000,
+            split_seed: None,
         }
     }
 }
@@ -359,6 +364,12 @@ pub struct Config {
 }
 
 impl Config {
+    /// The seed of the data split and the validation noise: `data.split_seed`, else the
+    /// training seed.
+    pub fn split_seed(&self) -> u64 {
+        self.data.split_seed.unwrap_or(self.train.seed)
+    }
+
     /// Reads a TOML file; unknown keys are errors.
     pub fn from_toml_file(path: &std::path::Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)

@@ -51,7 +51,8 @@ struct SplitsArgs {
     /// A built-in dataset (as `train --data`) or a .csv/.npy path.
     #[arg(long)]
     data: String,
-    /// The seed `train` would get (it fixes the split and the validation noise).
+    /// The split seed `train` would use (its --split-seed, else its --seed): it fixes the
+    /// split and the validation noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Output folder: train.npy, val.npy, test.npy and splits.json.
@@ -101,6 +102,10 @@ struct TrainArgs {
     /// Seed for everything random.
     #[arg(long)]
     seed: Option<u64>,
+    /// Seed of the data split and the validation noise alone (default: --seed): train
+    /// several seeds on the same rows.
+    #[arg(long)]
+    split_seed: Option<u64>,
     /// Coupling layers.
     #[arg(long)]
     layers: Option<usize>,
@@ -292,6 +297,9 @@ fn config_for(a: &TrainArgs) -> Result<Config> {
     if let Some(t) = &a.teacher {
         c.train.teacher = Some(t.display().to_string());
     }
+    if a.split_seed.is_some() {
+        c.data.split_seed = a.split_seed;
+    }
     if a.data.is_none() && a.config.is_none() {
         bail!("no dataset: pass --data (a built-in name or a .csv/.npy path)");
     }
@@ -400,7 +408,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let (table, what) = if builtin {
         let mut dc = config.data.clone();
         dc.dataset = dataset.clone();
-        let splits = data::load(&dc, config.train.seed)?;
+        let splits = data::load(&dc, config.split_seed())?;
         (splits.test, format!("{dataset} test split"))
     } else {
         (

@@ -137,7 +137,7 @@ pub fn train_and_export(
     fresh: bool,
 ) -> Result<Summary> {
     config.validate()?;
-    let data = data::load(&config.data, config.train.seed)?;
+    let data = data::load(&config.data, config.split_seed())?;
     let (flow, params, deq) = build(config, &data)?;
     let teacher = match &config.train.teacher {
         Some(dir) => {
@@ -176,7 +176,7 @@ pub fn train_and_export(
                 &flow,
                 &data.val,
                 &deq,
-                seeds::validation(config.train.seed),
+                seeds::validation(config.split_seed()),
                 1,
             )?,
             Some(outcome.best_val_loss),
@@ -325,7 +325,7 @@ pub fn load_run(dir: &Path) -> Result<LoadedRun> {
     let config = Config::from_toml_file(&dir.join("config.toml"))
         .with_context(|| format!("{} is not a flowtrain run folder", dir.display()))?;
     let tensors = crate::checkpoint::best_tensors(dir)?;
-    let data = data::load(&config.data, config.train.seed)?;
+    let data = data::load(&config.data, config.split_seed())?;
     let (flow, params, dequantized) = build(&config, &data)?;
     params.restore(&tensors).with_context(|| {
         format!(

@@ -1,10 +1,13 @@
 //! How many threads training uses. candle splits its CPU ops (and flowtrain's convolutions
 //! split their batch) over `RAYON_NUM_THREADS` threads, read at every op, on a persistent
-//! pool sized once by `CANDLE_NUM_THREADS`. On small tensors a second thread mostly waits
+//! pool sized once by `CANDLE_NUM_THREADS`; its elementwise ops on 64 Ki elements or more
+//! use the whole pool whatever the count. On small tensors a second thread mostly waits
 //! (rows flows train fastest on one), while image flows' convolutions and wide elementwise
 //! ops gain from every core. So the count is either given (`flowtrain train --threads`, or
-//! `RAYON_NUM_THREADS` set by the user), or chosen by [`Trial`]: image flows time their first
-//! steps on 1 thread and on all the cores, alternating, and keep the faster.
+//! `RAYON_NUM_THREADS` set by the user), and then sizes the pool too, so that one thread is
+//! one thread; or chosen by [`Trial`]: image flows time their first steps on 1 thread and on
+//! all the cores, alternating, and keep the faster (on a pool of all the cores, so that the
+//! 1-thread candidate is "convolutions and GEMMs on one thread").
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -12,9 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 static CHOOSE: AtomicBool = AtomicBool::new(false);
 
 /// Sets up the process's threads before any tensor op: `given` (or `RAYON_NUM_THREADS` if
-/// the user set it) fixes the count; otherwise training starts on 1 and image flows may
-/// choose. The pool is sized for all the cores either way. Call it from `main` while the
-/// process has one thread (it sets environment variables).
+/// the user set it) fixes the count and sizes the pool; otherwise training starts on 1 and
+/// image flows may choose, on a pool of all the cores. `CANDLE_NUM_THREADS`, if the user set
+/// it, sizes the pool in both cases. Call it from `main` while the process has one thread
+/// (it sets environment variables).
 pub fn init(given: Option<usize>) {
     let from_env = std::env::var("RAYON_NUM_THREADS")
         .ok()
@@ -22,7 +26,7 @@ pub fn init(given: Option<usize>) {
         .filter(|&n| n > 0);
     let count = given.filter(|&n| n > 0).or(from_env);
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", cores().to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", count.unwrap_or(cores()).to_string());
     }
     std::env::set_var("RAYON_NUM_THREADS", count.unwrap_or(1).to_string());
     CHOOSE.store(count.is_none(), Ordering::Relaxed);

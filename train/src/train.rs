@@ -317,10 +317,11 @@ impl<'r, 'a> Trainer<'r, 'a> {
     /// Validates, keeps the parameters if they are the best so far, and decides early
     /// stopping.
     fn validate(&mut self, objective: &Objective) -> Result<()> {
-        let cfg = &self.run.config.train;
+        let patience = self.run.config.train.patience;
+        let split_seed = self.run.config.split_seed();
         // With weight averaging, the average is what is validated and kept.
         self.adam.swap_average()?;
-        let val = objective.validate(self.run.flow, cfg.seed);
+        let val = objective.validate(self.run.flow, split_seed);
         let improved = val.as_ref().is_ok_and(|&v| v < self.state.best_val_loss);
         if improved {
             self.best = self.run.params.snapshot();
@@ -335,7 +336,7 @@ impl<'r, 'a> Trainer<'r, 'a> {
         } else {
             s.evals_since_best += 1;
         }
-        if cfg.patience > 0 && s.evals_since_best >= cfg.patience {
+        if patience > 0 && s.evals_since_best >= patience {
             s.finished = true;
             self.stopped_early = true;
         }

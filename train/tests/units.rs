@@ -81,6 +81,25 @@ fn toy_densities_are_seeded_and_finite() {
 }
 
 #[test]
+fn the_split_seed_fixes_the_rows_whatever_the_training_seed() {
+    let mut config = Config::default();
+    config.data.dataset = "wine".into();
+    config.train.seed = 3;
+    assert_eq!(config.split_seed(), 3, "the training seed by default");
+    config.data.split_seed = Some(7);
+    assert_eq!(config.split_seed(), 7);
+    let fixed = data::load(&config.data, config.split_seed()).unwrap();
+    config.train.seed = 4;
+    let again = data::load(&config.data, config.split_seed()).unwrap();
+    assert_eq!(
+        (&fixed.train, &fixed.val, &fixed.test),
+        (&again.train, &again.val, &again.test)
+    );
+    let own = data::load(&config.data, config.train.seed).unwrap();
+    assert_ne!(fixed.test, own.test, "seed 4's own split differs");
+}
+
+#[test]
 fn splits_are_seeded_disjoint_and_complete() {
     let cfg = DataConfig {
         dataset: "wine".into(),
