@@ -356,3 +356,35 @@ fn batch_norm_per_channel_on_images() {
     randomize_around(&p, 33, 0.3);
     check_bijector_shaped(&bn, &[3, 2, 2], &[3, 2, 2], 34);
 }
+
+/// Glow's log-scale log sigmoid(r) stays finite in the exported graph where sigmoid(r)
+/// underflows in float32 (r < -104, what an outlier image reached in a Fashion-MNIST Glow):
+/// the graph's log-det equals the training op's, and neither is infinite.
+#[test]
+fn conv_coupling_log_det_is_finite_in_the_graph_where_the_sigmoid_underflows() {
+    let p = Params::new(5);
+    let c = Coupling::image(
+        &p,
+        [2, 4, 4],
+        ImageMask::Checkerboard,
+        false,
+        8,
+        flowtrain::nn::Activation::Relu,
+        Elementwise::SigmoidAffine,
+        0,
+    )
+    .unwrap();
+    randomize(&p, 7, 0.3);
+    let x: Vec<f32> = random_rows(4, 32, 11).iter().map(|v| v * 1e4).collect();
+    let (_, ld) = c
+        .encode(&tensor_shaped(&x, &[2, 4, 4]), &Ctx::EVAL)
+        .unwrap();
+    let ld = to_vec(&ld);
+    let (_, graph_ld) = onnx_encode(&c, &x, &[2, 4, 4]);
+    assert!(
+        ld.iter().any(|v| *v < -200.0),
+        "the inputs reach the underflow: {ld:?}"
+    );
+    assert!(graph_ld.iter().all(|v| v.is_finite()), "{graph_ld:?}");
+    assert_close(&graph_ld, &ld, 1e-2, 1e-4, "log-det, graph vs training op");
+}

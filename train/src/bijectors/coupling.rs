@@ -272,8 +272,19 @@ impl Elementwise {
                 (t, Some(g.mul(&th, &c)))
             }
             Elementwise::SigmoidAffine => {
+                // The log-scale log sigmoid(r) = min(r, 0) - log(1 + exp(-|r|)): Log(Sigmoid(r))
+                // is -inf in float32 once sigmoid(r) underflows (r < -104, an outlier image
+                // can get there), where the training ops stay finite.
                 let (t, raw) = g.halves(h, 1);
-                (t, Some(g.op("Sigmoid", &[&raw], vec![])))
+                let zero = g.scalar("zero", 0.0);
+                let one = g.scalar("one", 1.0);
+                let abs = g.op("Abs", &[&raw], vec![]);
+                let neg = g.op("Neg", &[&abs], vec![]);
+                let e = g.exp(&neg);
+                let e1 = g.add(&e, &one);
+                let soft = g.op("Log", &[&e1], vec![]);
+                let low = g.op("Min", &[&raw, &zero], vec![]);
+                (t, Some(g.sub(&low, &soft)))
             }
         }
     }
@@ -300,8 +311,8 @@ impl Elementwise {
             }
             (Elementwise::SigmoidAffine, (t, Some(s))) => {
                 let moved = g.add(x, &t);
-                let y = g.mul(&moved, &s);
-                (y, Some(g.op("Log", &[&s], vec![])))
+                let e = g.exp(&s);
+                (g.mul(&moved, &e), Some(s))
             }
             (_, (t, _)) => (g.add(x, &t), None),
         }
@@ -320,7 +331,8 @@ impl Elementwise {
                 g.div(&centred, &e)
             }
             (Elementwise::SigmoidAffine, (t, Some(s))) => {
-                let unscaled = g.div(y, &s);
+                let e = g.exp(&s);
+                let unscaled = g.div(y, &e);
                 g.sub(&unscaled, &t)
             }
             (_, (t, _)) => g.sub(y, &t),
