@@ -241,11 +241,10 @@ fn conv_coupling_all_masks_affine_and_additive() {
     }
 }
 
-#[test]
-fn conv_coupling_keeps_its_mask_and_starts_as_a_fixed_map() {
-    let p = Params::new(3);
-    let c = Coupling::image(
-        &p,
+/// Glow's affine coupling on [2, 4, 4] images, checkerboard mask, width 8.
+fn glow_checkerboard_coupling(p: &Params) -> Coupling {
+    Coupling::image(
+        p,
         [2, 4, 4],
         ImageMask::Checkerboard,
         false,
@@ -254,7 +253,13 @@ fn conv_coupling_keeps_its_mask_and_starts_as_a_fixed_map() {
         Elementwise::SigmoidAffine,
         0,
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn conv_coupling_keeps_its_mask_and_starts_as_a_fixed_map() {
+    let p = Params::new(3);
+    let c = glow_checkerboard_coupling(&p);
     let x = random_rows(4, 32, 9);
     let (z, ld) = c
         .encode(&tensor_shaped(&x, &[2, 4, 4]), &Ctx::EVAL)
@@ -363,17 +368,7 @@ fn batch_norm_per_channel_on_images() {
 #[test]
 fn conv_coupling_log_det_is_finite_in_the_graph_where_the_sigmoid_underflows() {
     let p = Params::new(5);
-    let c = Coupling::image(
-        &p,
-        [2, 4, 4],
-        ImageMask::Checkerboard,
-        false,
-        8,
-        flowtrain::nn::Activation::Relu,
-        Elementwise::SigmoidAffine,
-        0,
-    )
-    .unwrap();
+    let c = glow_checkerboard_coupling(&p);
     randomize(&p, 7, 0.3);
     let x: Vec<f32> = random_rows(4, 32, 11).iter().map(|v| v * 1e4).collect();
     let (_, ld) = c
