@@ -101,6 +101,8 @@ for c in cmds:
         label += f' (order-agnostic, {cfg["masks"]} masks)'
     if s["family"] in ("glow", "realnvp_image"):
         label = f'{s["family"]} (L={cfg["levels"]}, K={cfg["layers"]}, width {cfg["hidden"]})'
+        if cfg.get("learned_prior"):
+            label += ", learned prior"
     if s.get("context"):
         label += f', given {s["context"]}'
     bpd = "" if s["test_bits_per_dim"] is None else f'{s["test_bits_per_dim"]:.3f}'
@@ -186,18 +188,25 @@ epochs; the paper waits 30). MADE with order- and connectivity-agnostic training
 sets; its test NLL is of mask set 0 (the exported model) and the ensemble column averages the densities of
 all 16 (log-sum-exp), as in the MADE paper. RealNVP here uses the same settings (so it differs from the
 coupling table above, which used Adam 1e-3, batch 256, no batch norm)."""
+curves = ""
+if group == "garments":  # one long run: its validation curve says whether more steps would pay
+    for c in cmds:
+        d = c.split("--out ")[1].split()[0]
+        evals = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl")) if '"kind":"val"' in l]
+        curves += "\n\nValidation NLL at steps " + ", ".join(str(e["step"]) for e in evals) + ": "
+        curves += ", ".join(f'{e["loss"]:.1f}' for e in evals) + "."
 section = f"""{title}
 
 {text_}
 
 | model | data | D | parameters | steps (best) | train s | median ms/step | steps/s | val NLL | test NLL | ensemble test NLL (masks) | test bits/dim |
 |---|---|---|---|---|---|---|---|---|---|---|---|
-""" + "\n".join(rows) + "\n\nCommands:\n\n```\n" + "\n".join(f"flowtrain {c}" for c in cmds) + "\n```\n"
+""" + "\n".join(rows) + curves + "\n\nCommands:\n\n```\n" + "\n".join(f"flowtrain {c}" for c in cmds) + "\n```\n"
 text = open(out).read() if os.path.exists(out) else "# Benchmarks\n\n"
 start = text.find(title)
 if start >= 0:
     end = text.find("\n## ", start + 1)
-    text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    text = text[:start] + section + (text[end:] if end >= 0 else "")
 else:
     text = text.rstrip() + "\n\n" + section
 open(out, "w").write(text)
