@@ -7,7 +7,7 @@
 #    early stopping after ~30 epochs without improvement);
 #  - images: Glow and multi-scale RealNVP on 8x8 digits, Glow on 28x28 MNIST (needs `make data`),
 #    plus sample grids at temperatures 0.5, 0.7 and 1.0 in docs/;
-#  - garments: the Glow that draws, on Fashion-MNIST (needs `make data`; about 95 minutes on 2
+#  - garments: the Glow that draws, on Fashion-MNIST (needs `make data`; about 85 minutes on 2
 #    cores), and its grids;
 #  - conditional: the same MAF, RealNVP and Glow with and without a context (wine given its
 #    quality, digits given their label), and the class-conditional Glow's grid (a row per class);
@@ -47,7 +47,7 @@ I+=("train --family glow --data digits --layers 4 --steps 3000 --eval-every 100 
 I+=("train --family realnvp_image --data digits --layers 2 --steps 1500 --eval-every 100 --patience 5 $IMAGE --out $RUNS/realnvp-image-digits")
 I+=("train --family glow --data mnist --layers 4 --batch-size 64 --steps 2000 --eval-every 250 --patience 4 $IMAGE --out $RUNS/glow-mnist")
 # The Glow that draws: wider (128), deeper (K = 8) and with Glow's learned prior at the split,
-# on Fashion-MNIST's 60,000 images for about 7 epochs (about 50 minutes on 2 cores).
+# on Fashion-MNIST's 60,000 images for about 12 epochs (about 85 minutes on 2 cores).
 F+=("train --family glow --data fashion_mnist --layers 8 --hidden 128 --levels 2 --learned-prior true --batch-size 64 --steps 10000 --eval-every 1000 --patience 0 --seed 0 --quiet --fresh --out $RUNS/glow-fashion-mnist")
 for family in nice realnvp; do
   C+=("train --family $family --data moons --steps 5000 $COUPLING --out $RUNS/$family-moons")
