@@ -188,6 +188,13 @@ pub enum Elementwise {
     Spline(RqSpline),
 }
 
+/// log sigmoid(r) = min(r, 0) - log(1 + exp(-|r|)), finite wherever r is: `sigmoid(r).log()` is
+/// -inf in float32 once sigmoid(r) underflows (r < -104), which the composed path (float64, or a
+/// device without the fused op) must not reach either.
+fn log_sigmoid(r: &Tensor) -> Result<Tensor> {
+    r.minimum(0.0)? - ((r.abs()?.neg()?.exp()? + 1.0)?.log()?)
+}
+
 impl Elementwise {
     /// Parameters per moved element.
     fn params(self) -> usize {
@@ -214,7 +221,7 @@ impl Elementwise {
                 (y, Some(s))
             }
             Elementwise::SigmoidAffine => {
-                let ls = candle_nn::ops::sigmoid(&(Self::block(h, 1, n)? + 2.0)?)?.log()?;
+                let ls = log_sigmoid(&(Self::block(h, 1, n)? + 2.0)?)?;
                 let y = (x + Self::block(h, 0, n)?)?.mul(&ls.exp()?)?;
                 (y, Some(ls))
             }
@@ -235,7 +242,7 @@ impl Elementwise {
                 (y - Self::block(h, 1, n)?)?.mul(&s.neg()?.exp()?)
             }
             Elementwise::SigmoidAffine => {
-                let ls = candle_nn::ops::sigmoid(&(Self::block(h, 1, n)? + 2.0)?)?.log()?;
+                let ls = log_sigmoid(&(Self::block(h, 1, n)? + 2.0)?)?;
                 y.mul(&ls.neg()?.exp()?)? - Self::block(h, 0, n)?
             }
             Elementwise::Spline(s) => s.inverse(y, &params_last(h, s.params())?),
@@ -511,5 +518,36 @@ impl Bijector for Coupling {
         let shape = self.part.moved_shape()?;
         let x = self.map.emit_inverse(g, &moved, &h, &shape);
         self.part.emit_join(g, &kept, &x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The composed SigmoidAffine map keeps a finite log-scale where sigmoid underflows in
+    /// float32 (as the fused CPU op does; other devices take this path) and stays invertible
+    /// where its scale is representable.
+    #[test]
+    fn composed_sigmoid_affine_is_finite_where_the_sigmoid_underflows() -> Result<()> {
+        let x = Tensor::new(&[[0.5f32, -1.0, 2.0]], &Device::Cpu)?;
+        // Shifts, then raw scales h; sigmoid sees r = h + 2 = -300, 0, 40 (log sigmoid: -300,
+        // -ln 2, -4e-18).
+        let h = Tensor::new(&[[0.1f32, 0.2, -0.3, -302.0, -2.0, 38.0]], &Device::Cpu)?;
+        let (y, ls) = Elementwise::SigmoidAffine.forward(&x, &h)?;
+        let ls = ls
+            .expect("an affine map has a log-scale")
+            .to_vec2::<f32>()?;
+        assert!((ls[0][0] + 300.0).abs() < 1e-3, "{ls:?}");
+        assert!((ls[0][1] + std::f32::consts::LN_2).abs() < 1e-6, "{ls:?}");
+        assert!(ls[0][2].abs() < 1e-6, "{ls:?}");
+        let back = Elementwise::SigmoidAffine
+            .inverse(&y, &h)?
+            .to_vec2::<f32>()?;
+        // Element 0's scale exp(-300) is 0 in float32: only the others can come back.
+        for (a, b) in back[0][1..].iter().zip([-1.0f32, 2.0]) {
+            assert!((a - b).abs() < 1e-4, "{back:?}");
+        }
+        Ok(())
     }
 }
