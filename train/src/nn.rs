@@ -209,6 +209,12 @@ fn init(
     ))
 }
 
+/// softplus(x) = log(1 + eˣ) = max(x, 0) + log(1 + e^(−|x|)), finite for any x (the naive form
+/// overflows in float32 above x ≈ 88); what ONNX's `Softplus` computes in ONNX Runtime.
+pub(crate) fn softplus(x: &Tensor) -> Result<Tensor> {
+    x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
 /// `m[O, K] · x[n]` for every example: `x[N, K, S] → [N, O, S]`, as one 2-D matmul over
 /// `[K, N·S]` (a broadcast batched matmul would sum an `[N, O, K]` gradient in backward).
 pub fn channel_matmul(m: &Tensor, x: &Tensor) -> Result<Tensor> {

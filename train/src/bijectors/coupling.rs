@@ -188,11 +188,11 @@ pub enum Elementwise {
     Spline(RqSpline),
 }
 
-/// log sigmoid(r) = min(r, 0) - log(1 + exp(-|r|)), finite wherever r is: `sigmoid(r).log()` is
-/// -inf in float32 once sigmoid(r) underflows (r < -104), which the composed path (float64, or a
-/// device without the fused op) must not reach either.
+/// log sigmoid(r) = −softplus(−r), finite wherever r is: `sigmoid(r).log()` is −inf in float32
+/// once sigmoid(r) underflows (r < −104), which the composed path (float64, or a device without
+/// the fused op) must not reach either.
 fn log_sigmoid(r: &Tensor) -> Result<Tensor> {
-    r.minimum(0.0)? - ((r.abs()?.neg()?.exp()? + 1.0)?.log()?)
+    crate::nn::softplus(&r.neg()?)?.neg()
 }
 
 impl Elementwise {
@@ -279,19 +279,13 @@ impl Elementwise {
                 (t, Some(g.mul(&th, &c)))
             }
             Elementwise::SigmoidAffine => {
-                // The log-scale log sigmoid(r) = min(r, 0) - log(1 + exp(-|r|)): Log(Sigmoid(r))
-                // is -inf in float32 once sigmoid(r) underflows (r < -104, an outlier image
-                // can get there), where the training ops stay finite.
+                // The log-scale log sigmoid(r) = −softplus(−r): Log(Sigmoid(r)) is −inf in
+                // float32 once sigmoid(r) underflows (r < −104, an outlier image can get
+                // there), where the training ops stay finite.
                 let (t, raw) = g.halves(h, 1);
-                let zero = g.scalar("zero", 0.0);
-                let one = g.scalar("one", 1.0);
-                let abs = g.op("Abs", &[&raw], vec![]);
-                let neg = g.op("Neg", &[&abs], vec![]);
-                let e = g.exp(&neg);
-                let e1 = g.add(&e, &one);
-                let soft = g.op("Log", &[&e1], vec![]);
-                let low = g.op("Min", &[&raw, &zero], vec![]);
-                (t, Some(g.sub(&low, &soft)))
+                let flipped = g.op("Neg", &[&raw], vec![]);
+                let soft = g.op("Softplus", &[&flipped], vec![]);
+                (t, Some(g.op("Neg", &[&soft], vec![])))
             }
         }
     }

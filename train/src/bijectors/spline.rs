@@ -103,8 +103,7 @@ impl RqSpline {
         let x = positions(&fractions(&u.narrow(last, 0, k)?)?)?;
         let y = positions(&fractions(&u.narrow(last, k, k)?)?)?;
         let raw = (u.narrow(last, 2 * k, k - 1)? + Self::derivative_shift())?;
-        // softplus(r) = max(r, 0) + log(1 + e^{−|r|}), stable for any r.
-        let inner = ((raw.relu()? + (raw.abs()?.neg()?.exp()? + 1.0)?.log()?)? + MIN_DERIVATIVE)?;
+        let inner = (crate::nn::softplus(&raw)? + MIN_DERIVATIVE)?;
         let mut edge_shape = inner.dims().to_vec();
         edge_shape[last] = 1;
         let one = Tensor::ones(edge_shape, DType::F32, u.device())?;
